@@ -1,0 +1,47 @@
+"""What every converter reads: a checkpoint described before any tensor is loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a source, known without reading its data.
+
+    Attributes:
+        name: the Hugging Face (Hub layout) name, e.g. "model.layers.0.self_attn.q_proj.weight".
+        shape: its shape in the Hub layout.
+        dtype: the torch dtype `read()` returns before any cast.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class SourceCheckpoint:
+    """A checkpoint in any format, exposed in Hub layout and read tensor by tensor.
+
+    Attributes:
+        config: the Hub `config.json` content.
+        generation_config: `generation_config.json` content, when known.
+        tokenizer_files: file name -> content (tokenizer.json, tokenizer_config.json,
+            special_tokens_map.json...), written beside the weights.
+        tensors: every tensor, in the order they should be written.
+        read: loads one tensor by name (Hub layout, already dequantised/permuted as needed).
+        provenance: where it came from, for the output's README (source, format, revision or
+            sha256 of the file...).
+    """
+
+    config: dict[str, Any]
+    generation_config: dict[str, Any] | None
+    tokenizer_files: dict[str, bytes]
+    tensors: list[TensorInfo]
+    read: Callable[[str], torch.Tensor]
+    provenance: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,113 @@
+"""The canonical decoder's configuration: one typed field per architectural quirk.
+
+A family never appears here by name. Each family's `from_hf_config()` (see `families.py`) reads
+`config.json` and sets these fields; the decoder only ever looks at the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Norm = Literal["rms", "layer"]
+Activation = Literal["silu", "gelu", "gelu_tanh", "xielu", "relu"]
+RopeType = Literal["default", "linear", "dynamic", "llama3"]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding settings (rotate-half layout, as in HF checkpoints).
+
+    Attributes:
+        theta: base of the frequencies.
+        type: "default", "linear" (positions / factor), "dynamic" (NTK base growth past
+            `original_max_position`) or "llama3" (wavelength bands).
+        factor: scaling factor of linear, dynamic and llama3.
+        low_freq_factor / high_freq_factor: llama3 band edges.
+        original_max_position: context length the frequencies were trained for.
+    """
+
+    theta: float = 10000.0
+    type: RopeType = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 2048
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the decoder needs, as explicit fields.
+
+    Attributes:
+        vocab_size, hidden_size, intermediate_size, num_layers: sizes.
+        num_heads, num_kv_heads, head_dim: attention shape; `head_dim` need not equal
+            hidden_size / num_heads (Gemma).
+        norm: "rms" (RMSNorm) or "layer" (LayerNorm with bias).
+        norm_eps: epsilon of every norm.
+        norm_unit_offset: RMSNorm multiplies by (1 + weight), computed in fp32 (Gemma).
+        mlp: "gated" (act(gate) * up -> down) or "plain" (act(up) -> down).
+        act: activation of the MLP; "xielu" has per-layer learned parameters.
+        parallel_residual: attention and MLP both read one norm's output and are added to the
+            residual together (Phi); otherwise each has its own pre-norm.
+        rotary_fraction: share of each head's dims that is rotated (Phi's partial_rotary_factor).
+        qk_norm: norm applied per head to queries and keys before RoPE, or None.
+        embedding_scale: embeddings are multiplied by this, rounded to the model dtype (Gemma).
+        tie_embeddings: the output head shares the embedding matrix.
+        attn_bias: q/k/v projections carry a bias; `attn_out_bias` the output projection.
+        mlp_bias: MLP projections carry biases; `head_bias` the output head.
+        max_position: the context length the checkpoint declares.
+        rope: rotary settings.
+        bos_token_id / eos_token_ids / pad_token_id: from config.json and generation_config.json.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm: Norm = "rms"
+    norm_eps: float = 1e-6
+    norm_unit_offset: bool = False
+    mlp: Literal["gated", "plain"] = "gated"
+    act: Activation = "silu"
+    parallel_residual: bool = False
+    rotary_fraction: float = 1.0
+    qk_norm: Norm | None = None
+    embedding_scale: float | None = None
+    tie_embeddings: bool = False
+    attn_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    head_bias: bool = False
+    max_position: int = 2048
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.rotary_dims % 2:
+            raise ValueError(f"rotary dims ({self.rotary_dims}) must be even")
+
+    @property
+    def rotary_dims(self) -> int:
+        """Dims of each head that RoPE rotates (HF: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.rotary_fraction)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        data["rope"] = RopeConfig(**data.get("rope", {}))
+        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        return cls(**data)

@@ -1,0 +1,359 @@
+"""The one canonical decoder. Every family is a `ModelConfig`; nothing here knows family names.
+
+Projections are plain, separate `nn.Linear` modules (q, k, v, o; gate, up, down) so that
+quantizers that act on `nn.Linear` (torchao's `quantize_`, bitsandbytes' `Linear4bit`) can swap
+them in place. Canonical parameter names (`layers.3.attn.q.weight`) are what `families.py` maps
+Hub names onto.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, as the reference implementations do.
+
+    With `unit_offset` the scale is (1 + weight) and is applied before the cast back (Gemma);
+    otherwise the normalised input is cast first and then scaled (Llama, Apertus). The two
+    orders differ in bf16, so both are kept.
+    """
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, cfg: ModelConfig) -> nn.Module:
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps, cfg.norm_unit_offset)
+
+
+class XIELU(nn.Module):
+    """xIELU (arXiv:2411.13010) with the layer's own learned parameters, as stored.
+
+    `alpha_p` and `alpha_n` are stored before their softplus; `beta` and `eps` are stored as is.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.zeros(1))
+        self.alpha_n = nn.Parameter(torch.zeros(1))
+        self.register_buffer("beta", torch.tensor(0.5))
+        self.register_buffer("eps", torch.tensor(-1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha_p = F.softplus(self.alpha_p)
+        alpha_n = self.beta + F.softplus(self.alpha_n)
+        return torch.where(
+            x > 0,
+            alpha_p * x * x + self.beta * x,
+            (torch.expm1(torch.minimum(x, self.eps)) - x) * alpha_n + self.beta * x,
+        )
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate = nn.Linear(d, f, bias=bias) if cfg.mlp == "gated" else None
+        self.up = nn.Linear(d, f, bias=bias)
+        self.down = nn.Linear(f, d, bias=bias)
+        # xIELU has learned per-layer parameters, so it is a module; the rest are functions.
+        self.act = XIELU() if cfg.act == "xielu" else None
+        self._fn = _ACTIVATIONS.get(cfg.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.act if self.act is not None else self._fn
+        if self.gate is not None:
+            return self.down(act(self.gate(x)) * self.up(x))
+        return self.down(act(self.up(x)))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def rope_inv_freq(rope: RopeConfig, dims: int, max_position: int, seq_len: int = 0) -> torch.Tensor:
+    """Inverse frequencies (fp32) for `dims` rotated dims, following the HF conventions.
+
+    `seq_len` matters only to "dynamic", whose base grows once the sequence passes
+    `max_position`.
+    """
+    base = rope.theta
+    if rope.type == "dynamic" and seq_len > max_position:
+        growth = rope.factor * seq_len / max_position - (rope.factor - 1)
+        base = base * growth ** (dims / (dims - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.int64).float() / dims))
+    if rope.type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.type == "llama3":
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class KVCache:
+    """A preallocated key/value cache for every layer, written in place (no concatenation).
+
+    Slot `i` of every row holds the token fed at step `i`; `valid` marks which slots are real
+    tokens (left or right padding are not) and `next_pos` is each row's next RoPE position.
+
+    Args:
+        cfg: the model's config.
+        batch: rows.
+        max_len: slots, prompt plus new tokens.
+        dtype, device: those of the model.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.padded = False
+        self.max_len = max_len
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values for `layer`; return every key/value so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.q = nn.Linear(d, cfg.num_heads * hd, bias=cfg.attn_bias)
+        self.k = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attn_bias)
+        self.v = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attn_bias)
+        self.o = nn.Linear(cfg.num_heads * hd, d, bias=cfg.attn_out_bias)
+        self.q_norm = make_norm(cfg.qk_norm, hd, cfg) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg.qk_norm, hd, cfg) if cfg.qk_norm else None
+        self.scale = hd**-0.5
+        self.layer_idx = 0  # set by Decoder: which cache slice is ours
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v)
+        # No mask and more than one query: plain causal. One query and no mask: sees everything.
+        causal = mask is None and t > 1 and k.shape[2] == t
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # fmt: skip
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    """One decoder layer.
+
+    Sequential (Llama, Gemma, Apertus)      Parallel (Phi)
+        x = x + attn(attn_norm(x))              h = attn_norm(x)
+        x = x + mlp(mlp_norm(x))                x = x + (attn(h) + mlp(h))
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg.norm, cfg.hidden_size, cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = None if cfg.parallel_residual else make_norm(cfg.norm, cfg.hidden_size, cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        h = self.attn_norm(x)
+        if self.mlp_norm is None:
+            return (self.attn(h, rope, mask, cache) + self.mlp(h)) + x
+        x = x + self.attn(h, rope, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """A decoder-only language model.
+
+    Call it as `model(input_ids, attention_mask=None, cache=None)`; it returns logits
+    `[batch, seq, vocab]` (or `[batch, 1, vocab]` with `last_only=True`).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        for i, layer in enumerate(self.layers):
+            layer.attn.layer_idx = i
+        self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._rope_cache: dict[tuple, torch.Tensor] = {}
+
+    def tie_weights(self) -> None:
+        """Re-tie the head to the embeddings (after loading with `assign=True`)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        cfg = self.config
+        # Only dynamic NTK depends on the length, and only beyond the trained context.
+        grown = seq_len if cfg.rope.type == "dynamic" and seq_len > cfg.max_position else 0
+        key = (device, grown)
+        if key not in self._rope_cache:
+            inv = rope_inv_freq(cfg.rope, cfg.rotary_dims, cfg.max_position, grown)
+            self._rope_cache[key] = inv.to(device)
+        return self._rope_cache[key]
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables `[batch or 1, 1, seq, rotary_dims]` for integer `positions`."""
+        seq_len = int(positions.max()) + 1 if self.config.rope.type == "dynamic" else 0
+        freqs = positions[..., None].float() * self._inv_freq(seq_len, positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `input_ids` `[batch, seq]`.
+
+        Args:
+            input_ids: token ids.
+            attention_mask: 1 for real tokens, 0 for padding (left or right); None means all real.
+                Positions count real tokens only, so a left-padded row equals its unpadded self.
+            cache: a `KVCache` to read earlier steps from and append this step to.
+            last_only: compute the head for the last position only (generation).
+        """
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        real = None if attention_mask is None else attention_mask.to(torch.bool)
+        if real is not None and bool(real.all()):
+            real = None
+        positions, mask = self._positions_and_mask(b, t, past, real, cache, input_ids.device)
+
+        x = self.embed(input_ids)
+        if self.config.embedding_scale is not None:
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        rope = self._rope(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+        if cache is not None:
+            cache.length += t
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def _positions_and_mask(
+        self,
+        b: int,
+        t: int,
+        past: int,
+        real: torch.Tensor | None,
+        cache: KVCache | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        steps = torch.arange(t, device=device)
+        if cache is not None:
+            if past + t > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} tokens; this step needs {past + t}")
+            cache.valid[:, past : past + t] = True if real is None else real
+            cache.padded = cache.padded or real is not None
+            count = steps[None].expand(b, t) + 1 if real is None else real.long().cumsum(-1)
+            positions = (cache.next_pos[:, None] + count - 1).clamp_min(0)
+            cache.next_pos += count[:, -1]
+        elif real is None:
+            positions = steps[None]
+        else:
+            positions = (real.long().cumsum(-1) - 1).clamp_min(0)
+
+        padded = real is not None or (cache is not None and cache.padded)
+        if not padded:
+            if past == 0 or t == 1:
+                return positions, None  # SDPA's own causal flag (or no mask at all) suffices
+            keys = torch.arange(past + t, device=device)
+            return positions, keys[None, :] <= (past + steps)[:, None]
+        keys = torch.arange(past + t, device=device)
+        key_real = cache.valid[:, : past + t] if cache is not None else real
+        mask = (keys[None, :] <= (past + steps)[:, None])[None] & key_real[:, None, :]
+        # A padding query may see no real key at all; let it see everything rather than
+        # produce NaN. Its output is never used.
+        mask = mask | ~mask.any(-1, keepdim=True)
+        return positions, mask[:, None]

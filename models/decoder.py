@@ -268,6 +268,14 @@ class Decoder(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        """Greedy or sampled continuation with a KV cache; see `hubquant.models.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
         cfg = self.config
         # Only dynamic NTK depends on the length, and only beyond the trained context.

@@ -43,7 +43,7 @@ def family_for(hf_config: dict[str, Any]) -> type[Family]:
     archs = hf_config.get("architectures") or []
     if not archs:
         raise HubquantError(
-            "config.json names no 'architectures'; add e.g. \"architectures\": [\"LlamaForCausalLM\"]"
+            'config.json names no \'architectures\'; add e.g. "architectures": ["LlamaForCausalLM"]'
         )
     family = _REGISTRY.get(archs[0])
     if family is None:
@@ -212,9 +212,7 @@ class Gemma(Llama):
         # Gemma's released configs say "gelu" but were trained with the tanh approximation.
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         act = "gelu_tanh" if act == "gelu" else _activation(act)
-        return _replace(
-            base, norm_unit_offset=True, embedding_scale=math.sqrt(base.hidden_size), act=act
-        )
+        return _replace(base, norm_unit_offset=True, embedding_scale=math.sqrt(base.hidden_size), act=act)
 
 
 @register("ApertusForCausalLM")

@@ -1,0 +1,175 @@
+"""Stream a Hub-layout safetensors checkpoint into a meta-initialised model, tensor by tensor.
+
+Peak memory is the model plus one tensor: each tensor is read from its shard, cast, and assigned
+in place of the meta placeholder; nothing is materialised twice. Every tensor is checked: known
+(or dropped on purpose), present once, the right shape, and nothing expected left unfilled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hubquant.errors import HubquantError
+
+from .families import Family
+from .hub import BIN, BIN_INDEX, CONFIG, SAFETENSORS, SAFETENSORS_INDEX
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HubquantError(f"{path} not found: the folder has no {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HubquantError(f"{path} is not valid JSON ({error}); re-download or fix it") from None
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    if not path.is_file():
+        raise HubquantError(
+            f"{folder} has no config.json; point at a transformers checkpoint folder (or a Hub repo id)"
+        )
+    return read_json(path, "config.json")
+
+
+def shard_files(folder: Path) -> dict[str, list[str] | None]:
+    """Shard file name -> tensor names the index assigns to it (None: single file, no index)."""
+    index_path = folder / SAFETENSORS_INDEX
+    if index_path.is_file():
+        weight_map = read_json(index_path, SAFETENSORS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HubquantError(f"{index_path} has no weight_map; re-download the checkpoint")
+        shards: dict[str, list[str] | None] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name)  # type: ignore[union-attr]
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise HubquantError(
+                    f"shard {shard} listed in {index_path} is missing; re-download the checkpoint"
+                )
+        return dict(sorted(shards.items()))
+    if (folder / SAFETENSORS).is_file():
+        return {SAFETENSORS: None}
+    if (folder / BIN).is_file() or (folder / BIN_INDEX).is_file():
+        raise HubquantError(
+            f"{folder} holds pickle weights (pytorch_model*.bin), which are not loaded directly; "
+            f"run `hubquant convert {folder} --out DIR` and load DIR"
+        )
+    raise HubquantError(f"{folder} has no model.safetensors or {SAFETENSORS_INDEX}")
+
+
+def expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer by canonical name (tied ones once)."""
+    persistent = set(model.state_dict(keep_vars=True))
+    tensors = dict(model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if n in persistent)
+    return tensors
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def load_weights(
+    model: nn.Module,
+    family: type[Family],
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    tie_embeddings: bool = False,
+    progress: bool = True,
+) -> None:
+    """Fill `model` (built on the meta device) from `folder`'s safetensors shards.
+
+    Args:
+        model: the canonical model, on the meta device.
+        family: maps Hub tensor names to canonical ones.
+        folder: the checkpoint folder.
+        dtype: floating tensors are cast to this on the way in.
+        device: where the tensors end up.
+        tie_embeddings: the head shares the embeddings; a stored `lm_head.weight` is ignored.
+        progress: show a progress bar.
+    """
+    from safetensors import SafetensorError, safe_open
+    from tqdm.auto import tqdm
+
+    expected = expected_tensors(model)
+    source: dict[str, str] = {}  # canonical name -> shard it came from
+    shards = shard_files(folder)
+    total = sum(len(names) if names else 0 for names in shards.values()) or None
+    bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
+    for shard, listed in shards.items():
+        try:
+            with safe_open(folder / shard, framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+                absent = sorted(set(listed or ()) - set(keys))
+                if absent:
+                    raise HubquantError(
+                        f"tensor {absent[0]} is listed for {shard} in the index but absent from it"
+                    )
+                for hub_name in keys:
+                    known, canonical = family.to_canonical(hub_name)
+                    if not known or (canonical is not None and canonical not in expected):
+                        if tie_embeddings and canonical == "lm_head.weight":
+                            continue  # tied heads are served by the embeddings, as transformers does
+                        raise HubquantError(
+                            f"unexpected tensor {hub_name} in {shard}: the {family.name} model built "
+                            "from config.json has no place for it; check config.json matches the weights"
+                        )
+                    if canonical is None:
+                        continue
+                    if canonical in source:
+                        raise HubquantError(
+                            f"tensor {hub_name} appears twice: in {source[canonical]} and in {shard}"
+                        )
+                    _load_one(model, f, hub_name, canonical, expected[canonical], shard, dtype, device)
+                    source[canonical] = shard
+                    bar.update()
+        except SafetensorError as error:
+            raise HubquantError(
+                f"{folder / shard} is truncated or corrupt ({error}); delete and re-download it"
+            ) from None
+        except OSError as error:
+            raise HubquantError(f"cannot read {folder / shard}: {error}") from None
+    bar.close()
+    missing = sorted(set(expected) - set(source))
+    if missing:
+        name = family.to_hub(missing[0])
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise HubquantError(f"tensor {name} is missing from {folder}{more}; the checkpoint is incomplete")
+    if tie_embeddings:
+        model.tie_weights()
+
+
+def _load_one(
+    model: nn.Module,
+    f: Any,
+    hub_name: str,
+    canonical: str,
+    placeholder: torch.Tensor,
+    shard: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> None:
+    shape = tuple(f.get_slice(hub_name).get_shape())
+    if shape != tuple(placeholder.shape):
+        raise HubquantError(
+            f"tensor {hub_name} in {shard} has shape {list(shape)}, expected {list(placeholder.shape)} "
+            "from config.json; check config.json matches the weights"
+        )
+    tensor = f.get_tensor(hub_name)
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    _assign(model, canonical, tensor.to(device))

@@ -1,0 +1,5 @@
+import sys
+
+from hubquant.cli import main
+
+sys.exit(main())

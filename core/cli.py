@@ -1,0 +1,133 @@
+"""The `hubquant` command. Errors print as one line and exit non-zero; `--debug` shows tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hubquant.errors import HubquantError
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from hubquant.models import load
+
+    model, tokenizer = load(args.source, revision=args.revision, dtype=torch_dtype(args.dtype), device=args.device)
+    if tokenizer is None:
+        raise HubquantError(f"{args.source} ships no tokenizer.json, so text cannot be generated from it")
+    ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = model.generate(
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_ids=tokenizer.eos_ids,
+        generator=generator,
+    )
+    print(args.prompt + tokenizer.decode(out[0, ids.shape[1] :]))
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from hubquant.convert import convert
+
+    out = convert(
+        args.source,
+        args.out,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        revision=args.revision,
+    )
+    print(f"wrote {out}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from hubquant.evaluate.run import run_eval
+
+    run_eval(
+        args.model,
+        revision=args.revision,
+        dtype=args.dtype,
+        device=args.device,
+        window=args.window,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hubquant", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="continue a prompt with a checkpoint")
+    gen.add_argument("source", help="Hub repo id or local checkpoint folder")
+    gen.add_argument("--prompt", default="The capital of France is")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_cmd_generate, dtype_default="bf16")
+
+    conv = sub.add_parser("convert", help="GGUF / pickle / safetensors checkpoint -> clean Hub-layout folder")
+    conv.add_argument("source", help="Hub repo id, local HF folder, folder of .bin shards, or a .gguf file")
+    conv.add_argument("--out", required=True, help="output folder (written atomically)")
+    conv.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+    conv.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    conv.set_defaults(func=_cmd_convert, dtype_default="bf16")
+
+    ev = sub.add_parser("eval", help="measure a checkpoint (default: the embedded SmolLM2-135M)")
+    ev.add_argument("model", nargs="?", default=None, help="Hub repo id or folder; empty: embedded default")
+    ev.add_argument("--window", type=int, default=512, help="perplexity window, tokens")
+    ev.add_argument("--stride", type=int, default=256, help="perplexity stride, tokens")
+    ev.add_argument("--max-tokens", type=int, default=4096, help="text tokens to score")
+    ev.set_defaults(func=_cmd_eval, dtype_default="fp32")
+
+    for p in (gen, conv, ev):
+        p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+        p.add_argument("--dtype", choices=DTYPES, default=None)
+    for p in (gen, ev):
+        p.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or args.dtype_default
+    try:
+        args.func(args)
+    except HubquantError as error:
+        if args.debug:
+            raise
+        print(f"hubquant: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hubquant: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # anything unforeseen still gets one line
+        if args.debug:
+            raise
+        first = str(error).splitlines()[0] if str(error) else ""
+        print(f"hubquant: error: {type(error).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,7 +22,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     from hubquant.models import load
 
-    model, tokenizer = load(args.source, revision=args.revision, dtype=torch_dtype(args.dtype), device=args.device)
+    model, tokenizer = load(
+        args.source, revision=args.revision, dtype=torch_dtype(args.dtype), device=args.device
+    )
     if tokenizer is None:
         raise HubquantError(f"{args.source} ships no tokenizer.json, so text cannot be generated from it")
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)
@@ -124,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         first = str(error).splitlines()[0] if str(error) else ""
-        print(f"hubquant: error: {type(error).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
+        print(
+            f"hubquant: error: {type(error).__name__}: {first} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

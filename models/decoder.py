@@ -288,8 +288,13 @@ class Decoder(nn.Module):
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables `[batch or 1, 1, seq, rotary_dims]` for integer `positions`."""
-        seq_len = int(positions.max()) + 1 if self.config.rope.type == "dynamic" else 0
-        freqs = positions[..., None].float() * self._inv_freq(seq_len, positions.device)
+        if self.config.rope.type == "dynamic":
+            # Each row grows its base from its own length, so padding never changes a row.
+            lengths = (positions.max(-1).values + 1).tolist()
+            inv_freq = torch.stack([self._inv_freq(n, positions.device) for n in lengths])[:, None]
+        else:
+            inv_freq = self._inv_freq(0, positions.device)
+        freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -90,6 +90,7 @@ def load_weights(
     device: torch.device | str = "cpu",
     tie_embeddings: bool = False,
     progress: bool = True,
+    shards: dict[str, list[str] | None] | None = None,
 ) -> None:
     """Fill `model` (built on the meta device) from `folder`'s safetensors shards.
 
@@ -101,13 +102,14 @@ def load_weights(
         device: where the tensors end up.
         tie_embeddings: the head shares the embeddings; a stored `lm_head.weight` is ignored.
         progress: show a progress bar.
+        shards: `shard_files(folder)`, when the caller already has it.
     """
     from safetensors import SafetensorError, safe_open
     from tqdm.auto import tqdm
 
     expected = expected_tensors(model)
     source: dict[str, str] = {}  # canonical name -> shard it came from
-    shards = shard_files(folder)
+    shards = shards if shards is not None else shard_files(folder)
     total = sum(len(names) if names else 0 for names in shards.values()) or None
     bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
     for shard, listed in shards.items():

@@ -56,16 +56,23 @@ def resolve(
 def _download(repo: str, revision: str | None, weights: str) -> Path:
     from huggingface_hub import hf_hub_download
 
+    offline_misses: list[HubquantError] = []
+
     def fetch(name: str) -> Path | None:
-        """Download one file (or take it from the cache); None if the repo lacks it."""
+        """Download one file (or take it from the cache); None if the repo (or cache) lacks it."""
         try:
             with _hub_errors(repo, revision):
                 return Path(hf_hub_download(repo, name, revision=revision))
         except _Missing:
             return None
+        except _NotCached as error:
+            offline_misses.append(error)
+            return None
 
     config = fetch(CONFIG)
     if config is None:
+        if offline_misses:
+            raise offline_misses[0]
         raise HubquantError(f"{repo} has no config.json; it is not a transformers checkpoint")
     for name in OPTIONAL_FILES:
         fetch(name)
@@ -75,12 +82,16 @@ def _download(repo: str, revision: str | None, weights: str) -> Path:
         if index is not None:
             for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
                 if fetch(shard) is None:
+                    if offline_misses:
+                        raise offline_misses[0]
                     raise HubquantError(
                         f"{repo}: shard {shard} listed in {index_name} is missing from the repo"
                     )
             return config.parent
         if fetch(single) is not None:
             return config.parent
+    if offline_misses:
+        raise offline_misses[0]
     if weights != "any" and (_exists(repo, BIN_INDEX, revision) or _exists(repo, BIN, revision)):
         raise HubquantError(
             f"{repo} has only pickle weights (pytorch_model*.bin); run `hubquant convert {repo} --out DIR` and load DIR"
@@ -100,6 +111,10 @@ def _exists(repo: str, name: str, revision: str | None) -> bool:
 
 class _Missing(HubquantError):
     """A file the repo does not have (optional files are skipped on this)."""
+
+
+class _NotCached(HubquantError):
+    """Offline (or unreachable Hub) and the file is not in the cache."""
 
 
 class _hub_errors:
@@ -128,13 +143,14 @@ class _hub_errors:
             ) from error
         if isinstance(error, errors.RevisionNotFoundError):
             raise HubquantError(f"revision '{rev}' not found in {repo}; check --revision") from error
-        if isinstance(error, errors.EntryNotFoundError):
-            raise _Missing(f"{repo}@{rev} has no such file") from error
+        # Offline misses subclass EntryNotFoundError: test them first.
         if isinstance(error, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-            raise HubquantError(
+            raise _NotCached(
                 f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached "
                 "(HF_HUB_OFFLINE is set or no network); download it once online, or pass a local folder"
             ) from error
+        if isinstance(error, errors.EntryNotFoundError):
+            raise _Missing(f"{repo}@{rev} has no such file") from error
         if isinstance(error, errors.HfHubHTTPError):
             raise HubquantError(f"Hub request for {repo} failed: {str(error).splitlines()[0]}") from error
         return False

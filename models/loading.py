@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_weights, read_config, read_json
+from .checkpoint import load_weights, read_config, read_json, shard_files
 from .decoder import Decoder
 from .families import family_for
 from .hub import resolve
@@ -37,6 +37,7 @@ def load(
     """
     folder = resolve(source, revision)
     hf_config = read_config(folder)
+    shards = shard_files(folder)  # refuse pickle-only or weightless folders before anything else
     family = family_for(hf_config)
     gen_path = folder / "generation_config.json"
     gen_config = read_json(gen_path, "generation_config.json") if gen_path.is_file() else {}

@@ -57,6 +57,7 @@ def load(
         device=device,
         tie_embeddings=cfg.tie_embeddings,
         progress=progress,
+        shards=shards,
     )
     model.eval()
     tokenizer = None

@@ -1,0 +1,380 @@
+"""Write a `SourceCheckpoint` as a clean Hub-layout folder: config, sharded safetensors, tokenizer, README.
+
+Memory stays at one output shard: shards are planned from `TensorInfo` sizes before anything is
+read, then each shard's tensors are read, cast, saved and freed before the next. The folder is built
+under a temporary name beside OUT (same filesystem) and renamed into place only when complete, so an
+interrupted or failed conversion never leaves a half-written OUT behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from hubquant.errors import HubquantError
+
+from .source import SourceCheckpoint, TensorInfo
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+# Decimal units as transformers' `max_shard_size` reads them, plus the binary ones.
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+INDEX = "model.safetensors.index.json"
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for "bf16" / "fp16" / "fp32" (or a floating torch dtype given as is).
+
+    Args:
+        dtype: the output dtype's name, or a torch dtype.
+    """
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise HubquantError(f"dtype '{dtype}' is not supported; use one of bf16, fp16, fp32")
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in a shard-size limit: "5GB", "500MB", "40KB" are decimal (as in transformers), "2GiB" binary.
+
+    Args:
+        size: a number of bytes, or a string with a unit.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE.match(str(size))
+        if match is None:
+            raise HubquantError(f"max shard size '{size}' is not a size; write it like 5GB, 500MB or 2GiB")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+    if value <= 0:
+        raise HubquantError(f"max shard size '{size}' must be larger than zero")
+    return value
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an OUT that would be overwritten without `force` (an empty folder is fine).
+
+    Args:
+        out: the output folder.
+        force: replacing a non-empty OUT was asked for.
+    """
+    if force or not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    raise HubquantError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+def output_size(info: TensorInfo, dtype: torch.dtype) -> int:
+    """Bytes `info` takes once written: floating tensors in `dtype`, others as they are."""
+    out_dtype = dtype if info.dtype.is_floating_point else info.dtype
+    numel = 1
+    for dim in info.shape:
+        numel *= dim
+    return numel * out_dtype.itemsize
+
+
+def plan_shards(tensors: list[TensorInfo], dtype: torch.dtype, limit: int) -> list[list[TensorInfo]]:
+    """Group tensors, in order, into shards of at most `limit` bytes in the output dtype.
+
+    Greedy, like transformers: a tensor is never split, and one larger than the limit gets a shard
+    of its own.
+
+    Args:
+        tensors: the tensors to write, in order.
+        dtype: the output dtype of floating tensors.
+        limit: the maximum shard size in bytes.
+    """
+    shards: list[list[TensorInfo]] = []
+    current: list[TensorInfo] = []
+    size = 0
+    for info in tensors:
+        nbytes = output_size(info, dtype)
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(info)
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def tied_embeddings(config: dict[str, Any]) -> bool:
+    """Whether the head shares the embeddings: config.json's word, else the family's default."""
+    if config.get("tie_word_embeddings") is not None:
+        return bool(config["tie_word_embeddings"])
+    family = _family(config)
+    return bool(family.tie_default) if family is not None else False
+
+
+def _family(config: dict[str, Any]) -> Any:
+    """hubquant's family for this config, or None: converting does not need hubquant to load it."""
+    from hubquant.models import family_for
+
+    try:
+        return family_for(config)
+    except HubquantError:
+        return None
+
+
+def tensors_to_write(src: SourceCheckpoint) -> list[TensorInfo]:
+    """The source's tensors minus those a loader re-derives: a tied `lm_head.weight`, RoPE tables."""
+    tied = tied_embeddings(src.config)
+    family = _family(src.config)
+    kept = []
+    for info in src.tensors:
+        if tied and info.name == "lm_head.weight":
+            continue  # safetensors cannot store shared tensors; transformers and hubquant re-tie
+        if family is not None and family.to_canonical(info.name) == (True, None):
+            continue  # e.g. rotary_emb.inv_freq: derived from config.json, dropped by every loader
+        kept.append(info)
+    return kept
+
+
+def write_checkpoint(
+    src: SourceCheckpoint,
+    out: str | Path,
+    *,
+    dtype: str | torch.dtype = "bf16",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write `src` to `out` as a Hub-layout folder both hubquant and transformers load unchanged.
+
+    Args:
+        src: the checkpoint to write.
+        out: the output folder; built beside itself under a temporary name and renamed when complete.
+        dtype: floating tensors are cast to this ("bf16", "fp16", "fp32").
+        max_shard_size: the largest shard, e.g. "5GB", "500MB", "2GiB" (a bigger tensor gets its own).
+        force: replace a non-empty `out` (only once the new folder is complete).
+        progress: show a progress bar over tensors.
+
+    Returns:
+        The output folder.
+    """
+    target = torch_dtype(dtype)
+    limit = parse_size(max_shard_size)
+    out = Path(out).expanduser().absolute()
+    check_out(out, force)
+    tensors = tensors_to_write(src)
+    if not tensors:
+        raise HubquantError("the source holds no tensors to write; check it is a model checkpoint")
+    plan = plan_shards(tensors, target, limit)
+    with _staging(out, force) as tmp:
+        weight_map, total = _write_shards(src, plan, tmp, target, progress)
+        _write_metadata(src, tmp, target, weight_map, total, len(src.tensors))
+    return out
+
+
+def _write_shards(
+    src: SourceCheckpoint, plan: list[list[TensorInfo]], tmp: Path, dtype: torch.dtype, progress: bool
+) -> tuple[dict[str, str], int]:
+    """Read, cast and save one shard at a time; returns (weight_map, total bytes)."""
+    from tqdm.auto import tqdm
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    count = sum(len(shard) for shard in plan)
+    with tqdm(total=count, desc="converting", unit="tensor", disable=not progress, leave=False) as bar:
+        for i, infos in enumerate(plan, 1):
+            name = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+            shard: dict[str, torch.Tensor] = {}
+            for info in infos:
+                shard[info.name] = _read_cast(src, info, dtype)
+                total += shard[info.name].nbytes
+                weight_map[info.name] = name
+                bar.update()
+            _save(shard, tmp / name)
+            del shard  # the next shard starts from nothing
+    return weight_map, total
+
+
+def _read_cast(src: SourceCheckpoint, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    tensor = src.read(info.name)
+    if tuple(tensor.shape) != tuple(info.shape):
+        raise HubquantError(
+            f"tensor {info.name} was read with shape {list(tensor.shape)} but announced as "
+            f"{list(info.shape)}; the source is inconsistent"
+        )
+    out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+    # Always a fresh, contiguous copy: sources may hand out views of shared or memory-mapped
+    # storage, which safetensors refuses to save (shared) or would keep alive (mmap).
+    return tensor.to(dtype=out_dtype, copy=True).contiguous()
+
+
+def _save(shard: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(shard, path, metadata={"format": "pt"})
+        path.chmod(0o666 & ~_umask())  # safetensors creates shards private (0600)
+    except SafetensorError as error:
+        # The Rust writer reports I/O failures (disk full...) as SafetensorError, not OSError.
+        raise HubquantError(f"cannot write {path.name}: {str(error).splitlines()[0]}") from None
+
+
+def _write_metadata(
+    src: SourceCheckpoint,
+    tmp: Path,
+    dtype: torch.dtype,
+    weight_map: dict[str, str],
+    total: int,
+    source_count: int,
+) -> None:
+    """config.json (dtype updated), generation config, index, tokenizer files and README."""
+    from hubquant import __version__
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = {**src.config, "dtype": dtype_name, "torch_dtype": dtype_name}
+    _write_json(tmp / "config.json", config)
+    if src.generation_config is not None:
+        _write_json(tmp / "generation_config.json", src.generation_config)
+    for name, content in src.tokenizer_files.items():
+        (tmp / Path(name).name).write_bytes(content)  # names only: a source cannot write outside OUT
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    details = {
+        "source": str(src.provenance.get("source", "unknown")),
+        **{k: str(v) for k, v in src.provenance.items()},
+        "dtype": dtype_name,
+        "tensors": str(len(weight_map)),
+        "source_tensors": str(source_count),
+        "converted_at": when,
+        "hubquant_version": __version__,
+    }
+    index = {"metadata": {"total_size": total, **details}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(tmp / INDEX, index)
+    (tmp / "README.md").write_text(readme(details, config))
+
+
+def readme(details: dict[str, str], config: dict[str, Any]) -> str:
+    """A model card saying where the folder came from; `details` lines are `- key: value`."""
+    arch = (config.get("architectures") or ["?"])[0]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [hubquant]",
+        "---",
+        "",
+        f"# {details.get('name') or Path(details.get('source', 'model')).name}",
+        "",
+        f"A {arch} checkpoint converted by hubquant {details['hubquant_version']} to Hub-layout "
+        f"safetensors ({details['dtype']}). It loads with `hubquant.load(folder)` and with "
+        "transformers' `AutoModelForCausalLM.from_pretrained(folder)`.",
+        "",
+        "## Provenance",
+        "",
+        *[f"- {key}: {value}" for key, value in details.items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def read_readme_details(folder: Path) -> dict[str, str]:
+    """The `- key: value` provenance lines of a README written by `readme` ({} when absent).
+
+    Args:
+        folder: a converted folder.
+    """
+    path = folder / "README.md"
+    if not path.is_file():
+        return {}
+    pairs = (line[2:].split(": ", 1) for line in path.read_text().splitlines() if line.startswith("- "))
+    return {pair[0]: pair[1] for pair in pairs if len(pair) == 2}
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def _staging(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed to `out` on success and removed on any failure."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; OUT should be like any new folder
+    except OSError as error:
+        raise HubquantError(f"cannot create {out}: {error.strerror or error}") from None
+    try:
+        yield tmp
+        _publish(tmp, out, force)
+    except OSError as error:
+        _remove(tmp)
+        raise HubquantError(_os_error_message(out, error)) from None
+    except BaseException:  # KeyboardInterrupt included: never leave a half-written folder
+        _remove(tmp)
+        raise
+
+
+def _os_error_message(out: Path, error: OSError) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    fix = "free disk space or choose another --out"
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        fix = "check the source is readable and OUT's folder is writable"
+    return f"converting into {out} failed: {error.strerror or error}{where}; {fix}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished `tmp` to `out`; an old `out` is swapped away first and deleted last."""
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        out.rmdir()
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return
+    if not force:  # something appeared at OUT while we were converting
+        raise HubquantError(f"{out} exists and is not empty; pass --force to replace it")
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)  # put the previous folder back
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)

@@ -1,0 +1,205 @@
+"""`make bench`: hubquant against transformers on the same checkpoint, in one run.
+
+Each load runs in a fresh subprocess so that peak RSS belongs to that load alone; speed is
+measured in-process after a warm-up, median of several runs. Every figure is printed with its
+method. This is a benchmark, not a test: it prints ratios and whether each target is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CACHE = Path(os.environ.get("HUBQUANT_CACHE", Path.home() / ".cache" / "hubquant")) / "bench"
+RUNS = 3
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process, MB."""
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM restart from the current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def smollm_checkpoint() -> Path:
+    """The embedded SmolLM2-135M, converted once to Hub-layout safetensors (fp32)."""
+    from hubquant.convert import convert
+    from hubquant.convert.gguf import embedded_gguf_path
+
+    out = CACHE / "SmolLM2-135M-fp32"
+    if not (out / "config.json").is_file():
+        convert(str(embedded_gguf_path()), out, dtype="fp32", force=True, progress=False)
+    return out
+
+
+# --- one load, in a child process ------------------------------------------------------------
+
+
+def child_load(which: str, folder: str, dtype: str) -> None:
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    if which == "hubquant":
+        import hubquant
+
+        def load():
+            return hubquant.load(folder, dtype=torch_dtype, progress=False)[0]
+    else:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+        def load():
+            return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+
+    torch.ones(1) @ torch.ones(1)  # initialise torch's allocator and threads before measuring
+    before, _ = rss_mb()
+    reset_peak_rss()
+    start = time.perf_counter()
+    model = load()
+    seconds = time.perf_counter() - start
+    _, peak = rss_mb()
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+    print(json.dumps({"seconds": seconds, "peak_mb": peak, "base_mb": before, "model_mb": size}))
+
+
+def measure_load(which: str, folder: Path, dtype: str) -> dict[str, float]:
+    results = []
+    for _ in range(RUNS):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", which, str(folder), dtype],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    best = min(results, key=lambda r: r["seconds"])
+    return {
+        "seconds": statistics.median(r["seconds"] for r in results),
+        "peak_mb": max(r["peak_mb"] for r in results),
+        "delta_mb": max(r["peak_mb"] - r["base_mb"] for r in results),
+        "model_mb": best["model_mb"],
+    }
+
+
+# --- speed, in this process -----------------------------------------------------------------
+
+
+def timed(fn, runs: int = RUNS) -> float:
+    fn()  # warm-up, left out
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_speed(folder: Path, dtype: str, prefill: int, decode: int) -> dict[str, dict[str, float]]:
+    import transformers
+
+    import hubquant
+
+    transformers.logging.set_verbosity_error()
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ours, _ = hubquant.load(folder, dtype=torch_dtype, progress=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
+    gen = torch.Generator().manual_seed(0)
+    long = torch.randint(100, ours.config.vocab_size, (1, prefill), generator=gen)
+    prompt = long[:, :16]
+    results: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        pre_ours = timed(lambda: ours(long))
+        pre_ref = timed(lambda: ref(long, use_cache=False))
+        dec_ours = timed(lambda: ours.generate(prompt, max_new_tokens=decode, eos_ids=[]))
+        dec_ref = timed(
+            lambda: ref.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=decode,
+                min_new_tokens=decode,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        )
+    results["prefill"] = {"hubquant": prefill / pre_ours, "transformers": prefill / pre_ref}
+    results["decode"] = {"hubquant": decode / dec_ours, "transformers": decode / dec_ref}
+    return results
+
+
+def report_load(folder: Path) -> list[tuple[str, bool]]:
+    verdicts = []
+    print(f"\n## Load ({folder.name}; fresh process per load, median time of {RUNS}, max peak RSS of {RUNS})")
+    print(f"{'dtype':6} {'':12} {'seconds':>8} {'peak RSS MB':>12} {'RSS growth MB':>14} {'model MB':>9}")
+    for dtype in ("fp32", "bf16"):
+        rows = {w: measure_load(w, folder, dtype) for w in ("hubquant", "transformers")}
+        for who, r in rows.items():
+            print(
+                f"{dtype:6} {who:12} {r['seconds']:8.2f} {r['peak_mb']:12.0f} {r['delta_mb']:14.0f} {r['model_mb']:9.0f}"
+            )
+        ok = rows["hubquant"]["peak_mb"] <= rows["transformers"]["peak_mb"]
+        ratio = rows["transformers"]["seconds"] / rows["hubquant"]["seconds"]
+        print(
+            f"{dtype:6} load {ratio:.2f}x faster; peak RSS target (<= transformers): {'met' if ok else 'MISSED'}"
+        )
+        verdicts.append((f"load peak RSS {dtype}", ok))
+    return verdicts
+
+
+def report_speed(folder: Path) -> list[tuple[str, bool]]:
+    verdicts = []
+    print(
+        f"\n## Speed ({folder.name}; {torch.get_num_threads()} threads; median of {RUNS} runs after a warm-up)"
+    )
+    print(
+        "prefill: one forward over 512 tokens, batch 1, no cache; decode: 128 greedy tokens after a 16-token prompt"
+    )
+    targets = {"prefill": 1.0, "decode": 1.5}
+    for dtype in ("fp32", "bf16"):
+        speed = measure_speed(folder, dtype, prefill=512, decode=128)
+        for phase, target in targets.items():
+            ours, ref = speed[phase]["hubquant"], speed[phase]["transformers"]
+            ok = ours >= target * ref
+            print(
+                f"{dtype:6} {phase:8} hubquant {ours:8.1f} tok/s  transformers {ref:8.1f} tok/s  "
+                f"ratio {ours / ref:5.2f}x  (target >= {target}x: {'met' if ok else 'MISSED'})"
+            )
+            verdicts.append((f"{phase} {dtype}", ok))
+    return verdicts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child", nargs=3, metavar=("WHICH", "FOLDER", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["load", "speed", "convert"], default=None)
+    args = parser.parse_args()
+    if args.child:
+        return child_load(*args.child)
+    folder = smollm_checkpoint()
+    verdicts = []
+    if args.only in (None, "load"):
+        verdicts += report_load(folder)
+    if args.only in (None, "speed"):
+        verdicts += report_speed(folder)
+    print("\n## Targets")
+    for name, ok in verdicts:
+        print(f"{name:28} {'met' if ok else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

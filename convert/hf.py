@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from hubquant.errors import HubquantError
+from hubquant.models.safetensors_file import SafetensorsFile
 
 from .source import SourceCheckpoint, TensorInfo
 
@@ -33,20 +34,6 @@ TOKENIZER_FILES = (
 )
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _DIGITS = re.compile(r"(\d+)")
 
@@ -122,7 +109,7 @@ def _natural(name: str) -> list[Any]:
 
 
 class _SafetensorsReader:
-    """Shapes and dtypes from the shard headers; data read one tensor at a time from the mmap."""
+    """Shapes and dtypes from the shard headers; data read one tensor at a time with plain reads."""
 
     format = "safetensors"
 
@@ -130,48 +117,27 @@ class _SafetensorsReader:
         self.folder = folder
         self.where: dict[str, str] = {}
         self.tensors: list[TensorInfo] = []
-        self._open: dict[str, Any] = {}
+        self._open: dict[str, SafetensorsFile] = {}
         for shard in shards:
-            handle = self._handle(shard)
-            for name in sorted(handle.keys(), key=_natural):
-                if name in self.where:
-                    raise HubquantError(f"tensor {name} appears in both {self.where[name]} and {shard}")
-                view = handle.get_slice(name)
-                self.tensors.append(
-                    TensorInfo(name, tuple(view.get_shape()), _st_dtype(view.get_dtype(), name))
-                )
-                self.where[name] = shard
+            with SafetensorsFile(folder / shard) as handle:
+                for name in sorted(handle.keys(), key=_natural):
+                    if name in self.where:
+                        raise HubquantError(f"tensor {name} appears in both {self.where[name]} and {shard}")
+                    self.tensors.append(TensorInfo(name, handle.shape(name), handle.dtype(name)))
+                    self.where[name] = shard
         self._left = {shard: 0 for shard in shards}
         for shard in self.where.values():
             self._left[shard] += 1
-        self._open.clear()  # reopened when read: listing needs headers only
-
-    def _handle(self, shard: str) -> Any:
-        from safetensors import SafetensorError, safe_open
-
-        if shard not in self._open:
-            try:
-                self._open[shard] = safe_open(self.folder / shard, framework="pt", device="cpu")
-            except (SafetensorError, OSError) as error:
-                raise HubquantError(
-                    f"{self.folder / shard} is truncated or corrupt ({error}); re-download it"
-                ) from None
-        return self._open[shard]
 
     def read(self, name: str) -> torch.Tensor:
         shard = self.where[name]
-        tensor = self._handle(shard).get_tensor(name)
+        if shard not in self._open:
+            self._open[shard] = SafetensorsFile(self.folder / shard)
+        tensor = self._open[shard].read(name)
         self._left[shard] -= 1
         if self._left[shard] <= 0:
-            # Unmap a finished shard: pages read through the mmap would otherwise count as resident.
-            self._open.pop(shard, None)
+            self._open.pop(shard).close()  # a finished shard's file handle is not kept
         return tensor
-
-
-def _st_dtype(code: str, name: str) -> torch.dtype:
-    if code not in _SAFETENSORS_DTYPES:
-        raise HubquantError(f"tensor {name} has dtype {code}, which hubquant cannot convert")
-    return _SAFETENSORS_DTYPES[code]
 
 
 class _BinReader:

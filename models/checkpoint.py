@@ -1,7 +1,8 @@
 """Stream a Hub-layout safetensors checkpoint into a meta-initialised model, tensor by tensor.
 
-Peak memory is the model plus one tensor: each tensor is read from its shard, cast, and assigned
-in place of the meta placeholder; nothing is materialised twice. Every tensor is checked: known
+Peak memory is the model plus one tensor: each tensor is read from its shard with plain reads (no
+memory map whose touched pages would stay resident), cast, and assigned in place of the meta
+placeholder; nothing is materialised twice. Every tensor is checked: known
 (or dropped on purpose), present once, the right shape, and nothing expected left unfilled.
 """
 
@@ -18,6 +19,7 @@ from hubquant.errors import HubquantError
 
 from .families import Family
 from .hub import BIN, BIN_INDEX, CONFIG, SAFETENSORS, SAFETENSORS_INDEX
+from .safetensors_file import SafetensorsFile
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -104,7 +106,6 @@ def load_weights(
         progress: show a progress bar.
         shards: `shard_files(folder)`, when the caller already has it.
     """
-    from safetensors import SafetensorError, safe_open
     from tqdm.auto import tqdm
 
     expected = expected_tensors(model)
@@ -114,7 +115,7 @@ def load_weights(
     bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
     for shard, listed in shards.items():
         try:
-            with safe_open(folder / shard, framework="pt", device="cpu") as f:
+            with SafetensorsFile(folder / shard) as f:
                 keys = list(f.keys())
                 absent = sorted(set(listed or ()) - set(keys))
                 if absent:
@@ -139,10 +140,6 @@ def load_weights(
                     _load_one(model, f, hub_name, canonical, expected[canonical], shard, dtype, device)
                     source[canonical] = shard
                     bar.update()
-        except SafetensorError as error:
-            raise HubquantError(
-                f"{folder / shard} is truncated or corrupt ({error}); delete and re-download it"
-            ) from None
         except OSError as error:
             raise HubquantError(f"cannot read {folder / shard}: {error}") from None
     bar.close()
@@ -157,7 +154,7 @@ def load_weights(
 
 def _load_one(
     model: nn.Module,
-    f: Any,
+    f: SafetensorsFile,
     hub_name: str,
     canonical: str,
     placeholder: torch.Tensor,
@@ -165,13 +162,13 @@ def _load_one(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> None:
-    shape = tuple(f.get_slice(hub_name).get_shape())
+    shape = f.shape(hub_name)
     if shape != tuple(placeholder.shape):
         raise HubquantError(
             f"tensor {hub_name} in {shard} has shape {list(shape)}, expected {list(placeholder.shape)} "
             "from config.json; check config.json matches the weights"
         )
-    tensor = f.get_tensor(hub_name)
+    tensor = f.read(hub_name)
     if tensor.is_floating_point():
         tensor = tensor.to(dtype)
     _assign(model, canonical, tensor.to(device))

@@ -1,0 +1,121 @@
+"""Read safetensors files with plain reads, one tensor at a time, into memory we own.
+
+`safetensors.safe_open` memory-maps the whole file: every page a read touches stays resident
+(and counted in RSS) until the file is closed, so streaming a 1 GB shard costs 1 GB on top of
+what is kept. Reading each tensor's bytes with `readinto` keeps the cost at the tensors we hold.
+The format is simple: an 8-byte little-endian header length, a JSON header of
+`{name: {dtype, shape, data_offsets}}`, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hubquant.errors import HubquantError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER = 100_000_000  # the format's own limit
+
+
+class SafetensorsFile:
+    """One safetensors file: header parsed and checked on open, tensors read on demand.
+
+    Args:
+        path: the file.
+
+    Raises:
+        HubquantError: the file is truncated, corrupt, or holds a dtype torch cannot represent.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close() / the context manager
+        try:
+            self.metadata, self._entries, self._data_start = self._parse()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _corrupt(self, why: str) -> HubquantError:
+        return HubquantError(f"{self.path} is truncated or corrupt ({why}); delete and re-download it")
+
+    def _parse(self) -> tuple[dict[str, str], dict[str, dict[str, Any]], int]:
+        size = os.fstat(self._file.fileno()).st_size
+        raw = self._file.read(8)
+        if len(raw) < 8:
+            raise self._corrupt("shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", raw)
+        if length > MAX_HEADER or 8 + length > size:
+            raise self._corrupt(f"header length {length} does not fit a {size}-byte file")
+        try:
+            header = json.loads(self._file.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise self._corrupt(f"header is not JSON: {error}") from None
+        if not isinstance(header, dict):
+            raise self._corrupt("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        data_size = size - 8 - length
+        for name, entry in header.items():
+            try:
+                begin, end = entry["data_offsets"]
+                dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+            except (KeyError, TypeError, ValueError):
+                raise self._corrupt(f"bad header entry for {name}") from None
+            expected = dtype.itemsize * _numel(shape)
+            if not 0 <= begin <= end <= data_size or end - begin != expected:
+                raise self._corrupt(f"tensor {name} lies outside the file or has the wrong byte size")
+        return metadata, header, 8 + length
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self._entries[name]["dtype"]]
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh tensor holding `name`'s data (it owns its memory; no file mapping)."""
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        self._file.seek(self._data_start + begin)
+        if end > begin and self._file.readinto(memoryview(out.numpy())) != end - begin:
+            raise self._corrupt(f"tensor {name} was cut short")
+        return out.view(self.dtype(name)).reshape(self.shape(name))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for dim in shape:
+        n *= int(dim)
+    return n

@@ -168,7 +168,11 @@ def _load_one(
             f"tensor {hub_name} in {shard} has shape {list(shape)}, expected {list(placeholder.shape)} "
             "from config.json; check config.json matches the weights"
         )
-    tensor = f.read(hub_name)
-    if tensor.is_floating_point():
-        tensor = tensor.to(dtype)
+    stored = f.dtype(hub_name)
+    cast = stored.is_floating_point and stored != dtype
+    if not cast and torch.device(device).type == "cpu":
+        tensor = f.map(hub_name)  # kept as stored: share the page cache instead of copying
+    else:
+        tensor = f.read(hub_name)
+        tensor = tensor.to(dtype) if cast else tensor
     _assign(model, canonical, tensor.to(device))

@@ -1,8 +1,12 @@
 """Read safetensors files with plain reads, one tensor at a time, into memory we own.
 
-`safetensors.safe_open` memory-maps the whole file: every page a read touches stays resident
-(and counted in RSS) until the file is closed, so streaming a 1 GB shard costs 1 GB on top of
-what is kept. Reading each tensor's bytes with `readinto` keeps the cost at the tensors we hold.
+Two ways to get a tensor, chosen by what happens to it next:
+- `read()`: the bytes are read with `readinto` into memory the tensor owns. For tensors about to be
+  cast (or written elsewhere): the source bytes are freed as soon as the cast copy exists, so
+  streaming a 1 GB shard costs one tensor, not the shard (a memory map would keep every page it
+  touched resident until closed).
+- `map()`: a copy-on-write memory map of the tensor's bytes. For tensors kept as stored: nothing is
+  copied, the pages are shared with the OS page cache and become resident only when used.
 The format is simple: an 8-byte little-endian header length, a JSON header of
 `{name: {dtype, shape, data_offsets}}`, then the data.
 """
@@ -10,6 +14,7 @@ The format is simple: an 8-byte little-endian header length, a JSON header of
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -49,6 +54,7 @@ class SafetensorsFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close() / the context manager
+        self._map: mmap.mmap | None = None
         try:
             self.metadata, self._entries, self._data_start = self._parse()
         except BaseException:
@@ -104,7 +110,22 @@ class SafetensorsFile:
             raise self._corrupt(f"tensor {name} was cut short")
         return out.view(self.dtype(name)).reshape(self.shape(name))
 
+    def map(self, name: str) -> torch.Tensor:
+        """`name` as a copy-on-write view of the file: no copy; writes stay private to us."""
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(self.shape(name), dtype=self.dtype(name))
+        if self._map is None:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+        # The tensor holds a reference to the map, which lives as long as any tensor uses it.
+        flat = torch.frombuffer(
+            self._map, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin
+        )
+        return flat.view(self.dtype(name)).reshape(self.shape(name))
+
     def close(self) -> None:
+        self._map = None  # tensors from map() keep it alive; it is unmapped when they are gone
         self._file.close()
 
     def __enter__(self) -> SafetensorsFile:

@@ -26,9 +26,15 @@ def test_reads_back_every_dtype_exactly(tmp_path):
     with SafetensorsFile(tmp_path / "x.safetensors") as f:
         assert sorted(f.keys()) == sorted(tensors) and f.metadata == {"format": "pt"}
         for name, want in tensors.items():
-            got = f.read(name)
-            assert got.dtype == want.dtype and got.shape == want.shape == f.shape(name)
-            assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+            for got in (f.read(name), f.map(name)):
+                assert got.dtype == want.dtype and got.shape == want.shape == f.shape(name)
+                assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+        mapped = f.map("f32")
+    # The map outlives the file object, and writes to it never reach the file.
+    mapped.add_(1.0)
+    assert torch.equal(mapped, tensors["f32"] + 1.0)
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
+        assert torch.equal(f.read("f32"), tensors["f32"])
 
 
 @pytest.mark.parametrize("cut", [4, 20, -3])

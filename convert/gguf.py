@@ -464,12 +464,18 @@ def _hf_order(arch: _Architecture) -> Callable[[str], tuple[int, int, int, str]]
     return key
 
 
-def _read(plan: _Plan, path: Path) -> torch.Tensor:
+def _read(plan: _Plan, path: Path, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Dequantise `plan`'s tensor, or only rows `start:stop` of it (never for transformed ones)."""
     tensor = plan.tensor
-    data = tensor.data if plan.rows is None else tensor.data[plan.rows[0] : plan.rows[1]]
-    n_elements = math.prod(plan.shape)
+    first, last = plan.rows or (0, plan.shape[0])
+    shape = plan.shape
+    if rows is not None:
+        first, last = first + rows[0], first + rows[1]
+        shape = (rows[1] - rows[0], *plan.shape[1:])
+    data = tensor.data if (first, last) == (0, len(tensor.data)) else tensor.data[first:last]
+    n_elements = math.prod(shape)
     try:
-        values = dequantize(data, tensor.tensor_type, n_elements).reshape(plan.shape)
+        values = dequantize(data, tensor.tensor_type, n_elements).reshape(shape)
     except (ValueError, OSError) as exc:
         raise HubquantError(f"cannot read GGUF tensor '{tensor.name}' ({exc}): {path}") from exc
     if plan.transform is not None:
@@ -517,6 +523,7 @@ def read_gguf(path: str | Path) -> SourceCheckpoint:
         tensors=[TensorInfo(name, plan.shape, torch.float32) for name, plan in plans.items()],
         read=_reader(plans, path),
         provenance={"format": "gguf", "file": path.name, "sha256": _file_sha256(path)},
+        read_rows=_row_reader(plans, path),
     )
 
 
@@ -529,6 +536,17 @@ def _reader(plans: dict[str, _Plan], path: Path) -> Callable[[str], torch.Tensor
         return _read(plan, path)
 
     return read
+
+
+def _row_reader(plans: dict[str, _Plan], path: Path) -> Callable[[str, int, int], torch.Tensor]:
+    def read_rows(name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of `name`; tensors with a transform (q/k unpermute...) are read whole."""
+        plan = plans[name]
+        if plan.transform is not None or len(plan.shape) < 2:
+            return _read(plan, path)[start:stop]
+        return _read(plan, path, (start, stop))
+
+    return read_rows
 
 
 def _generation_config(config: dict[str, Any]) -> dict[str, Any] | None:

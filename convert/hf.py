@@ -71,6 +71,7 @@ def read_hf_folder(folder: str | Path) -> SourceCheckpoint:
         tensors=reader.tensors,
         read=reader.read,
         provenance={"source": str(folder), "format": reader.format},
+        read_rows=getattr(reader, "read_rows", None),
     )
 
 
@@ -130,13 +131,20 @@ class _SafetensorsReader:
             self._left[shard] += 1
 
     def read(self, name: str) -> torch.Tensor:
+        return self._read(name, None)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._read(name, (start, stop))
+
+    def _read(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         shard = self.where[name]
         if shard not in self._open:
             self._open[shard] = SafetensorsFile(self.folder / shard)
-        tensor = self._open[shard].read(name)
-        self._left[shard] -= 1
-        if self._left[shard] <= 0:
-            self._open.pop(shard).close()  # a finished shard's file handle is not kept
+        tensor = self._open[shard].read(name, rows)
+        if rows is None or rows[1] == self._open[shard].shape(name)[0]:  # the tensor's last read
+            self._left[shard] -= 1
+            if self._left[shard] <= 0:
+                self._open.pop(shard).close()  # a finished shard's file handle is not kept
         return tensor
 
 

@@ -37,6 +37,8 @@ class SourceCheckpoint:
         read: loads one tensor by name (Hub layout, already dequantised/permuted as needed).
         provenance: where it came from, for the output's README (source, format, revision or
             sha256 of the file...).
+        read_rows: optional; `read_rows(name, start, stop)` reads rows `start:stop` of dim 0
+            only, so that a large tensor can be cast in slices instead of whole (less memory).
     """
 
     config: dict[str, Any]
@@ -45,3 +47,4 @@ class SourceCheckpoint:
     tensors: list[TensorInfo]
     read: Callable[[str], torch.Tensor]
     provenance: dict[str, str] = field(default_factory=dict)
+    read_rows: Callable[[str, int, int], torch.Tensor] | None = None

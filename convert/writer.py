@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -225,7 +226,14 @@ def _write_shards(
     return weight_map, total
 
 
+ROW_CHUNK_BYTES = 32 * 2**20  # slices a large tensor is read and cast in, when the source can
+
+
 def _read_cast(src: SourceCheckpoint, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    source_bytes = math.prod(info.shape) * info.dtype.itemsize
+    if src.read_rows is not None and info.dtype.is_floating_point and len(info.shape) >= 2:
+        if source_bytes > ROW_CHUNK_BYTES:
+            return _read_cast_rows(src, info, dtype)
     tensor = src.read(info.name)
     if tuple(tensor.shape) != tuple(info.shape):
         raise HubquantError(
@@ -236,6 +244,24 @@ def _read_cast(src: SourceCheckpoint, info: TensorInfo, dtype: torch.dtype) -> t
     # Always a fresh, contiguous copy: sources may hand out views of shared or memory-mapped
     # storage, which safetensors refuses to save (shared) or would keep alive (mmap).
     return tensor.to(dtype=out_dtype, copy=True).contiguous()
+
+
+def _read_cast_rows(src: SourceCheckpoint, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    """Fill the output tensor slice by slice: the source's full-precision copy never exists whole."""
+    assert src.read_rows is not None
+    out = torch.empty(info.shape, dtype=dtype)
+    row_bytes = max(1, math.prod(info.shape[1:]) * info.dtype.itemsize)
+    step = max(1, ROW_CHUNK_BYTES // row_bytes)
+    for start in range(0, info.shape[0], step):
+        stop = min(start + step, info.shape[0])
+        part = src.read_rows(info.name, start, stop)
+        if tuple(part.shape) != (stop - start, *info.shape[1:]):
+            raise HubquantError(
+                f"tensor {info.name} rows {start}:{stop} were read with shape {list(part.shape)}; "
+                "the source is inconsistent"
+            )
+        out[start:stop] = part
+    return out
 
 
 def _save(shard: dict[str, torch.Tensor], path: Path) -> None:

@@ -100,15 +100,24 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self._entries[name]["dtype"]]
 
-    def read(self, name: str) -> torch.Tensor:
-        """A fresh tensor holding `name`'s data (it owns its memory; no file mapping)."""
-        entry = self._entries[name]
-        begin, end = entry["data_offsets"]
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A fresh tensor holding `name`'s data (it owns its memory; no file mapping).
+
+        Args:
+            name: the tensor.
+            rows: read only rows `start:stop` of dim 0.
+        """
+        shape = list(self.shape(name))
+        begin, end = self._entries[name]["data_offsets"]
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape[0] = rows[1] - rows[0]
         out = torch.empty(end - begin, dtype=torch.uint8)
         self._file.seek(self._data_start + begin)
         if end > begin and self._file.readinto(memoryview(out.numpy())) != end - begin:
             raise self._corrupt(f"tensor {name} was cut short")
-        return out.view(self.dtype(name)).reshape(self.shape(name))
+        return out.view(self.dtype(name)).reshape(shape)
 
     def map(self, name: str) -> torch.Tensor:
         """`name` as a copy-on-write view of the file: no copy; writes stay private to us."""

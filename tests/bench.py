@@ -49,6 +49,72 @@ def smollm_checkpoint() -> Path:
     return out
 
 
+def one_gb_checkpoint() -> Path:
+    """A Llama-architecture checkpoint of 1.07 GB in fp32 (267M parameters, one shard)."""
+    out = CACHE / "llama-1gb-fp32"
+    if not (out / "config.json").is_file():
+        import transformers
+
+        config = transformers.LlamaConfig(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            tie_word_embeddings=False,
+        )
+        model = transformers.LlamaForCausalLM(config).to(torch.float32)
+        model.save_pretrained(out, max_shard_size="5GB")
+    return out
+
+
+# --- one conversion, in a child process -------------------------------------------------------
+
+
+def child_convert(source: str, out: str, dtype: str, shard: str) -> None:
+    from hubquant.convert import convert
+
+    torch.ones(1) @ torch.ones(1)
+    start = time.perf_counter()
+    convert(source, out, dtype=dtype, max_shard_size=shard, force=True, progress=False)
+    seconds = time.perf_counter() - start
+    _, peak = rss_mb()
+    largest = max(p.stat().st_size for p in Path(out).glob("*.safetensors")) / 2**20
+    print(json.dumps({"seconds": seconds, "peak_mb": peak, "largest_shard_mb": largest}))
+
+
+def report_convert() -> list[tuple[str, bool]]:
+    from hubquant.convert.gguf import embedded_gguf_path
+
+    print("\n## Convert (fresh process per conversion; peak RSS of the whole process, imports included)")
+    print(
+        f"{'source':34} {'dtype':5} {'max shard':>9} {'seconds':>8} {'peak RSS MB':>12} {'largest shard MB':>17}"
+    )
+    verdicts = []
+    jobs = [
+        ("SmolLM2-135M Q4_1 GGUF", embedded_gguf_path(), "bf16", "5GB"),
+        ("1.07 GB fp32 safetensors", one_gb_checkpoint(), "bf16", "5GB"),
+        ("1.07 GB fp32 safetensors", one_gb_checkpoint(), "bf16", "200MB"),
+    ]
+    for label, source, dtype, shard in jobs:
+        out = CACHE / "convert-out"
+        run = subprocess.run(
+            [sys.executable, __file__, "--child-convert", str(source), str(out), dtype, shard],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        ok = r["peak_mb"] <= r["largest_shard_mb"] + 300
+        print(
+            f"{label:34} {dtype:5} {shard:>9} {r['seconds']:8.2f} {r['peak_mb']:12.0f} "
+            f"{r['largest_shard_mb']:17.0f}  (target: peak <= largest shard + 300 MB: {'met' if ok else 'MISSED'})"
+        )
+        verdicts.append((f"convert RSS {label} {shard}", ok))
+    return verdicts
+
+
 # --- one load, in a child process ------------------------------------------------------------
 
 
@@ -186,19 +252,24 @@ def report_speed(folder: Path) -> list[tuple[str, bool]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", nargs=3, metavar=("WHICH", "FOLDER", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-convert", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=["load", "speed", "convert"], default=None)
     args = parser.parse_args()
     if args.child:
         return child_load(*args.child)
+    if args.child_convert:
+        return child_convert(*args.child_convert)
     folder = smollm_checkpoint()
     verdicts = []
     if args.only in (None, "load"):
         verdicts += report_load(folder)
     if args.only in (None, "speed"):
         verdicts += report_speed(folder)
+    if args.only in (None, "convert"):
+        verdicts += report_convert()
     print("\n## Targets")
     for name, ok in verdicts:
-        print(f"{name:28} {'met' if ok else 'MISSED'}")
+        print(f"{name:52} {'met' if ok else 'MISSED'}")
 
 
 if __name__ == "__main__":

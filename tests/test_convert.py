@@ -466,3 +466,21 @@ def test_default_model_converts_once(smollm2: dict, tmp_path: Path, monkeypatch)
     assert default_model(tmp_path) == folder and "sha256: 0" not in readme_path.read_text()
     model, _ = hubquant.load(folder, dtype=torch.bfloat16, progress=False)
     assert model.config.num_layers == 30
+
+
+def test_row_sliced_casting_is_exact(hf_checkpoint, tmp_path: Path, monkeypatch) -> None:
+    """Large tensors are read and cast slice by slice; the result equals a whole-tensor cast."""
+    from hubquant.convert import writer
+
+    folder, _ = hf_checkpoint("phi_partial")
+    whole = convert(folder, tmp_path / "whole", dtype="bf16", progress=False)
+    monkeypatch.setattr(writer, "ROW_CHUNK_BYTES", 200)  # a few rows per slice, uneven last slice
+    sliced = convert(folder, tmp_path / "sliced", dtype="bf16", progress=False)
+    a = _transformers_load(whole, torch.bfloat16).state_dict()
+    b = _transformers_load(sliced, torch.bfloat16).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    calls = []
+    monkeypatch.setattr(writer, "_read_cast_rows", lambda *args: calls.append(args) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the sliced path really is the one taken
+        convert(folder, tmp_path / "again", dtype="bf16", progress=False)
+    assert calls

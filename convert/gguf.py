@@ -8,9 +8,11 @@ until `read(name)` dequantises the one asked for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import math
+import mmap
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -480,7 +482,21 @@ def _read(plan: _Plan, path: Path, rows: tuple[int, int] | None = None) -> torch
         raise HubquantError(f"cannot read GGUF tensor '{tensor.name}' ({exc}): {path}") from exc
     if plan.transform is not None:
         values = plan.transform(values)
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    _release_pages(data)
+    return out
+
+
+def _release_pages(data: np.ndarray) -> None:
+    """Let the OS drop the file pages just read: the file is mapped read-only, so they are
+    reloaded from disk if needed, and a conversion's RSS does not grow by the whole file."""
+    base = data
+    while getattr(base, "base", None) is not None and not isinstance(base, np.memmap):
+        base = base.base
+    region = getattr(base, "_mmap", None)
+    if region is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            region.madvise(mmap.MADV_DONTNEED)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from hubquant.errors import HubquantError
+from hubquant.models.safetensors_file import SafetensorsWriter
 
 from .source import SourceCheckpoint, TensorInfo
 
@@ -206,7 +205,11 @@ def write_checkpoint(
 def _write_shards(
     src: SourceCheckpoint, plan: list[list[TensorInfo]], tmp: Path, dtype: torch.dtype, progress: bool
 ) -> tuple[dict[str, str], int]:
-    """Read, cast and save one shard at a time; returns (weight_map, total bytes)."""
+    """Read, cast and append each tensor (large ones slice by slice) straight to its shard file.
+
+    Memory holds one tensor (or one slice) at a time, whatever the shard size. Returns
+    (weight_map, total bytes).
+    """
     from tqdm.auto import tqdm
 
     weight_map: dict[str, str] = {}
@@ -215,62 +218,57 @@ def _write_shards(
     with tqdm(total=count, desc="converting", unit="tensor", disable=not progress, leave=False) as bar:
         for i, infos in enumerate(plan, 1):
             name = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-            shard: dict[str, torch.Tensor] = {}
-            for info in infos:
-                shard[info.name] = _read_cast(src, info, dtype)
-                total += shard[info.name].nbytes
-                weight_map[info.name] = name
-                bar.update()
-            _save(shard, tmp / name)
-            del shard  # the next shard starts from nothing
+            entries = [(info.name, tuple(info.shape), _out_dtype(info, dtype)) for info in infos]
+            try:
+                writer = SafetensorsWriter(tmp / name, entries, metadata={"format": "pt"})
+                try:
+                    for info, (_, _, out_dtype) in zip(infos, entries, strict=True):
+                        for part in _read_cast(src, info, out_dtype):
+                            writer.write(part)
+                            total += part.nbytes
+                            del part  # hold nothing while the next slice or tensor is read
+                        weight_map[info.name] = name
+                        bar.update()
+                except BaseException:
+                    writer.close(check=False)  # the staging folder is removed by the caller
+                    raise
+                writer.close()
+            except OSError as error:
+                raise HubquantError(f"cannot write {name}: {error.strerror or error}") from None
     return weight_map, total
 
 
-ROW_CHUNK_BYTES = 32 * 2**20  # slices a large tensor is read and cast in, when the source can
+ROW_CHUNK_BYTES = 8 * 2**20  # slices a large tensor is read and cast in, when the source can
 
 
-def _read_cast(src: SourceCheckpoint, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
-    source_bytes = math.prod(info.shape) * info.dtype.itemsize
-    if src.read_rows is not None and info.dtype.is_floating_point and len(info.shape) >= 2:
-        if source_bytes > ROW_CHUNK_BYTES:
-            return _read_cast_rows(src, info, dtype)
-    tensor = src.read(info.name)
-    if tuple(tensor.shape) != tuple(info.shape):
-        raise HubquantError(
-            f"tensor {info.name} was read with shape {list(tensor.shape)} but announced as "
-            f"{list(info.shape)}; the source is inconsistent"
-        )
-    out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-    # Always a fresh, contiguous copy: sources may hand out views of shared or memory-mapped
-    # storage, which safetensors refuses to save (shared) or would keep alive (mmap).
-    return tensor.to(dtype=out_dtype, copy=True).contiguous()
+def _out_dtype(info: TensorInfo, dtype: torch.dtype) -> torch.dtype:
+    return dtype if info.dtype.is_floating_point else info.dtype
 
 
-def _read_cast_rows(src: SourceCheckpoint, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
-    """Fill the output tensor slice by slice: the source's full-precision copy never exists whole."""
-    assert src.read_rows is not None
-    out = torch.empty(info.shape, dtype=dtype)
-    row_bytes = max(1, math.prod(info.shape[1:]) * info.dtype.itemsize)
-    step = max(1, ROW_CHUNK_BYTES // row_bytes)
-    for start in range(0, info.shape[0], step):
-        stop = min(start + step, info.shape[0])
+def _read_cast(src: SourceCheckpoint, info: TensorInfo, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """`info`'s tensor cast to `dtype`: whole, or as consecutive row slices when it is large and
+    the source can read rows, so that its full-precision copy never exists whole."""
+    nbytes = math.prod(info.shape) * info.dtype.itemsize
+    if src.read_rows is None or len(info.shape) < 2 or nbytes <= ROW_CHUNK_BYTES:
+        yield _checked(src.read(info.name), tuple(info.shape), info.name).to(dtype)
+        return
+    step = max(1, ROW_CHUNK_BYTES // (math.prod(info.shape[1:]) * info.dtype.itemsize))
+    for start, stop in _spans(info.shape[0], step):
         part = src.read_rows(info.name, start, stop)
-        if tuple(part.shape) != (stop - start, *info.shape[1:]):
-            raise HubquantError(
-                f"tensor {info.name} rows {start}:{stop} were read with shape {list(part.shape)}; "
-                "the source is inconsistent"
-            )
-        out[start:stop] = part
-    return out
+        yield _checked(part, (stop - start, *info.shape[1:]), info.name).to(dtype)
 
 
-def _save(shard: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        save_file(shard, path, metadata={"format": "pt"})
-        path.chmod(0o666 & ~_umask())  # safetensors creates shards private (0600)
-    except SafetensorError as error:
-        # The Rust writer reports I/O failures (disk full...) as SafetensorError, not OSError.
-        raise HubquantError(f"cannot write {path.name}: {str(error).splitlines()[0]}") from None
+def _checked(tensor: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    if tuple(tensor.shape) != shape:
+        raise HubquantError(
+            f"tensor {name} was read with shape {list(tensor.shape)} but announced as {list(shape)}; "
+            "the source is inconsistent"
+        )
+    return tensor
+
+
+def _spans(rows: int, step: int) -> list[tuple[int, int]]:
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def _write_metadata(

@@ -149,3 +149,56 @@ def _numel(shape: list[int]) -> int:
     for dim in shape:
         n *= int(dim)
     return n
+
+
+CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, slice by slice, holding none of it in memory.
+
+    The header is computed up front from the announced names, shapes and dtypes; data is then
+    appended in that order. `close()` checks every announced byte arrived.
+
+    Args:
+        path: the file to create.
+        entries: (name, shape, dtype) of every tensor, in the order their data will be written.
+        metadata: the header's `__metadata__` (string values).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        self._sizes: list[tuple[str, int]] = []
+        for name, shape, dtype in entries:
+            size = dtype.itemsize * _numel(list(shape))
+            header[name] = {
+                "dtype": CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            self._sizes.append((name, size))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the format recommends
+        self.path = Path(path)
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._total, self._written = offset, 0
+
+    def write(self, tensor: torch.Tensor) -> None:
+        """Append `tensor`'s bytes (a whole tensor or the next rows of one)."""
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._written += data.numel()
+
+    def close(self, check: bool = True) -> None:
+        """Finish the file; with `check`, an error if the bytes written differ from those announced."""
+        self._file.close()
+        if check and self._written != self._total:
+            raise HubquantError(f"{self.path}: wrote {self._written} of {self._total} announced bytes")

@@ -237,15 +237,19 @@ class _Killed(Exception):
 def _fail_on_second_shard(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> list[Path]:
     """Make the writer raise `error` once its first shard is on disk; returns the shards written."""
     written: list[Path] = []
-    real = writer.save_file
 
-    def save_file(tensors, path, metadata=None):
-        if written:
-            raise error
-        real(tensors, path, metadata=metadata)
-        written.append(Path(path))
+    class Writer(writer.SafetensorsWriter):
+        def write(self, tensor: torch.Tensor) -> None:
+            if written:
+                raise error
+            super().write(tensor)
 
-    monkeypatch.setattr(writer, "save_file", save_file)
+        def close(self, check: bool = True) -> None:
+            super().close(check)
+            if check:  # a completed shard, not the cleanup of a failed one
+                written.append(self.path)
+
+    monkeypatch.setattr(writer, "SafetensorsWriter", Writer)
     return written
 
 
@@ -347,24 +351,26 @@ def test_plan_shards_never_splits_a_tensor() -> None:
     assert [[t.name for t in shard] for shard in plan] == [["t0", "t1"], ["t2"], ["t3", "t4"]]
 
 
-def test_writer_streams_one_shard_at_a_time(monkeypatch, tmp_path: Path) -> None:
-    """A shard's tensors are released once it is saved, before the next shard's are read."""
+def test_writer_holds_one_tensor_at_a_time(monkeypatch, tmp_path: Path) -> None:
+    """Each tensor is released once written, before the next one is read, whatever the shard size."""
     infos = [TensorInfo(f"model.w{i}", (256,), torch.float32) for i in range(6)]
-    saved: list[weakref.ref] = []
-    real = writer.save_file
+    written: list[weakref.ref] = []
 
-    def save_file(tensors, path, metadata=None):
-        real(tensors, path, metadata=metadata)
-        saved.extend(weakref.ref(t) for t in tensors.values())
+    class Writer(writer.SafetensorsWriter):
+        def write(self, tensor: torch.Tensor) -> None:
+            super().write(tensor)
+            written.append(weakref.ref(tensor))
 
     def read(name: str) -> torch.Tensor:
-        assert all(ref() is None for ref in saved), "an earlier shard is still in memory"
-        return torch.full((256,), float(len(saved)))
+        assert all(ref() is None for ref in written), "an earlier tensor is still in memory"
+        return torch.full((256,), float(len(written)))
 
-    monkeypatch.setattr(writer, "save_file", save_file)
+    monkeypatch.setattr(writer, "SafetensorsWriter", Writer)
     src = SourceCheckpoint({"architectures": ["LlamaForCausalLM"]}, None, {}, infos, read)
-    out = writer.write_checkpoint(src, tmp_path / "out", dtype="fp32", max_shard_size="2KiB", progress=False)
-    assert len(_shards(out)) == 3 and len(saved) == 6
+    out = writer.write_checkpoint(src, tmp_path / "out", dtype="fp32", max_shard_size="3KiB", progress=False)
+    assert len(_shards(out)) == 2 and len(written) == 6
+    with safe_open(out / _shards(out)[1], framework="pt") as f:  # the library reads our files
+        assert torch.equal(f.get_tensor("model.w5"), torch.full((256,), 5.0))
 
 
 # -- CLI -------------------------------------------------------------------------------------
@@ -456,7 +462,7 @@ def test_default_model_converts_once(smollm2: dict, tmp_path: Path, monkeypatch)
         raise AssertionError("default_model() converted again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(writer, "save_file", no_reconversion)
+        patch.setattr(writer, "SafetensorsWriter", no_reconversion)
         assert default_model(tmp_path) == folder
     assert (folder / INDEX).stat().st_mtime_ns == stamp
 
@@ -479,8 +485,7 @@ def test_row_sliced_casting_is_exact(hf_checkpoint, tmp_path: Path, monkeypatch)
     a = _transformers_load(whole, torch.bfloat16).state_dict()
     b = _transformers_load(sliced, torch.bfloat16).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    calls = []
-    monkeypatch.setattr(writer, "_read_cast_rows", lambda *args: calls.append(args) or 1 / 0)
-    with pytest.raises(ZeroDivisionError):  # the sliced path really is the one taken
-        convert(folder, tmp_path / "again", dtype="bf16", progress=False)
-    assert calls
+    spans = []
+    monkeypatch.setattr(writer, "_spans", lambda rows, step: spans.append((rows, step)) or [(0, rows)])
+    convert(folder, tmp_path / "again", dtype="bf16", progress=False)
+    assert spans and all(step < rows for rows, step in spans)  # the sliced path really is the one taken

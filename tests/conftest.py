@@ -29,6 +29,15 @@ BASE = dict(
     pad_token_id=0,
 )
 
+# Llama 3 bands with a short original context, so that the tests' positions cross them.
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
 # name -> (transformers config class name, overrides). Each exercises the quirks named.
 CASES: dict[str, tuple[str, dict]] = {
     # GQA, untied head, default RoPE
@@ -50,13 +59,7 @@ CASES: dict[str, tuple[str, dict]] = {
         dict(
             num_key_value_heads=2,
             rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16,
-            },
+            rope_scaling=LLAMA3_SCALING,
         ),
     ),
     # dynamic NTK: inputs longer than max_position_embeddings grow the base
@@ -80,13 +83,7 @@ CASES: dict[str, tuple[str, dict]] = {
         "ApertusConfig",
         dict(
             num_key_value_heads=2,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16,
-            },
+            rope_scaling=LLAMA3_SCALING,
         ),
     ),
 }

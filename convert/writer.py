@@ -1,7 +1,8 @@
 """Write a `SourceCheckpoint` as a clean Hub-layout folder: config, sharded safetensors, tokenizer, README.
 
-Memory stays at one output shard: shards are planned from `TensorInfo` sizes before anything is
-read, then each shard's tensors are read, cast, saved and freed before the next. The folder is built
+Memory stays at one tensor: shards are planned from `TensorInfo` sizes before anything is read, then
+each tensor (a large one slice by slice) is read, cast and appended to its shard file, and freed
+before the next is read. The folder is built
 under a temporary name beside OUT (same filesystem) and renamed into place only when complete, so an
 interrupted or failed conversion never leaves a half-written OUT behind.
 """
@@ -25,18 +26,11 @@ from typing import Any
 import torch
 
 from hubquant.errors import HubquantError
+from hubquant.models.config import torch_dtype
 from hubquant.models.safetensors_file import SafetensorsWriter
 
 from .source import SourceCheckpoint, TensorInfo
 
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
 # Decimal units as transformers' `max_shard_size` reads them, plus the binary ones.
 _UNITS = {
     "": 1,
@@ -52,19 +46,6 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
 INDEX = "model.safetensors.index.json"
-
-
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """The torch dtype for "bf16" / "fp16" / "fp32" (or a floating torch dtype given as is).
-
-    Args:
-        dtype: the output dtype's name, or a torch dtype.
-    """
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise HubquantError(f"dtype '{dtype}' is not supported; use one of bf16, fp16, fp32")
 
 
 def parse_size(size: str | int) -> int:

@@ -11,16 +11,11 @@ from hubquant.errors import HubquantError
 DTYPES = ("bf16", "fp16", "fp32")
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
 def _cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from hubquant.models import load
+    from hubquant.models.config import torch_dtype
 
     model, tokenizer = load(
         args.source, revision=args.revision, dtype=torch_dtype(args.dtype), device=args.device

@@ -12,6 +12,7 @@ import time
 import torch
 
 from hubquant.models import load
+from hubquant.models.config import torch_dtype
 
 from .perplexity import perplexity, pydoc_text
 
@@ -29,8 +30,6 @@ def run_eval(
     max_tokens: int = 4096,
 ) -> dict[str, float]:
     """Load `model_source` and print (and return) its figures, each with its method."""
-    from hubquant.cli import torch_dtype
-
     if model_source is None:
         from hubquant.convert import DEFAULT_MODEL_NAME, default_model
 

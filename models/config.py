@@ -10,6 +10,33 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
+from hubquant.errors import HubquantError
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for "bf16" / "fp16" / "fp32" (or a floating torch dtype given as is).
+
+    Args:
+        dtype: the output dtype's name, or a torch dtype.
+    """
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise HubquantError(f"dtype '{dtype}' is not supported; use one of bf16, fp16, fp32")
+
+
 Norm = Literal["rms", "layer"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "xielu", "relu"]
 RopeType = Literal["default", "linear", "dynamic", "llama3"]

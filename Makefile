@@ -37,7 +37,7 @@ test: lint
 	$(VENV)/bin/pytest -q
 
 bench: $(VENV)/.test
-	$(PY) -m hubquant.bench
+	$(PY) tests/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

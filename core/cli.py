@@ -65,6 +65,15 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
+def _device_defaults(device: str | None) -> tuple[str, str]:
+    """The device to run on and its natural dtype: bf16 on a GPU; fp32 on a CPU, where bf16
+    matrix products are slower and only approximate the checkpoint's own precision."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, ("fp32" if device == "cpu" else "bf16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hubquant", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -79,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.set_defaults(func=_cmd_generate, dtype_default="bf16")
+    gen.set_defaults(func=_cmd_generate)
 
     conv = sub.add_parser("convert", help="GGUF / pickle / safetensors checkpoint -> clean Hub-layout folder")
     conv.add_argument("source", help="Hub repo id, local HF folder, folder of .bin shards, or a .gguf file")
@@ -93,20 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--window", type=int, default=512, help="perplexity window, tokens")
     ev.add_argument("--stride", type=int, default=256, help="perplexity stride, tokens")
     ev.add_argument("--max-tokens", type=int, default=4096, help="text tokens to score")
-    ev.set_defaults(func=_cmd_eval, dtype_default="fp32")
+    ev.set_defaults(func=_cmd_eval)
 
     for p in (gen, conv, ev):
         p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
         p.add_argument("--dtype", choices=DTYPES, default=None)
     for p in (gen, ev):
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.dtype = args.dtype or args.dtype_default
+    if hasattr(args, "device"):
+        args.device, default_dtype = _device_defaults(args.device)
+    else:
+        default_dtype = "bf16"  # convert's output
+    args.dtype = args.dtype or default_dtype
     try:
         args.func(args)
     except HubquantError as error:

@@ -38,7 +38,7 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 Norm = Literal["rms", "layer"]
-Activation = Literal["silu", "gelu", "gelu_tanh", "xielu", "relu"]
+Activation = Literal["silu", "gelu", "gelu_tanh", "gelu_new", "xielu", "relu"]
 RopeType = Literal["default", "linear", "dynamic", "llama3"]
 
 

@@ -68,11 +68,18 @@ class XIELU(nn.Module):
         )
 
 
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """The tanh GELU written out op by op (GPT-2's, Phi's "gelu_new"): in bf16 each op rounds,
+    which F.gelu(approximate="tanh") does not, so both are kept to match checkpoints exactly."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 _ACTIVATIONS = {
     "silu": F.silu,
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": gelu_new,
 }
 
 

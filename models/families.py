@@ -276,9 +276,8 @@ _ACT_NAMES = {
     "swish": "silu",
     "relu": "relu",
     "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
+    "gelu_new": "gelu_new",
     "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
     "xielu": "xielu",
 }
 

@@ -47,6 +47,19 @@ def test_logits_match_transformers(case, loaded):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_bf16_logits_equal_transformers_bit_for_bit(case, loaded):
+    """Same ops in the same order and precision as the reference, so bf16 matches exactly too."""
+    import transformers
+
+    folder, _, _ = loaded(case)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    model, _ = hubquant.load(folder, dtype=torch.bfloat16, progress=False)
+    ids = sample_ids(batch=2, seq=24)
+    with torch.no_grad():
+        assert torch.equal(model(ids), hf(ids).logits)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_greedy_generation_matches_transformers(case, loaded):
     _, hf, model = loaded(case)
     prompt = sample_ids(batch=1, seq=8, seed=3)

@@ -260,10 +260,10 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self._rope_cache: dict[tuple, torch.Tensor] = {}
+        self._rope_cache: dict[torch.device, torch.Tensor] = {}  # inverse frequencies per device
 
     def tie_weights(self) -> None:
-        """Re-tie the head to the embeddings (after loading with `assign=True`)."""
+        """Re-tie the head to the embeddings (loading replaces the embedding parameter)."""
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -286,12 +286,13 @@ class Decoder(nn.Module):
     def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
         cfg = self.config
         # Only dynamic NTK depends on the length, and only beyond the trained context.
-        grown = seq_len if cfg.rope.type == "dynamic" and seq_len > cfg.max_position else 0
-        key = (device, grown)
-        if key not in self._rope_cache:
-            inv = rope_inv_freq(cfg.rope, cfg.rotary_dims, cfg.max_position, grown)
-            self._rope_cache[key] = inv.to(device)
-        return self._rope_cache[key]
+        if cfg.rope.type == "dynamic" and seq_len > cfg.max_position:
+            # Grown frequencies change with every length: computed (cheaply), never cached.
+            return rope_inv_freq(cfg.rope, cfg.rotary_dims, cfg.max_position, seq_len).to(device)
+        if device not in self._rope_cache:
+            inv = rope_inv_freq(cfg.rope, cfg.rotary_dims, cfg.max_position)
+            self._rope_cache[device] = inv.to(device)
+        return self._rope_cache[device]
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables `[batch or 1, 1, seq, rotary_dims]` for integer `positions`."""

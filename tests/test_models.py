@@ -183,3 +183,10 @@ def test_families_read_their_quirks_from_config():
     )  # fmt: skip
     assert gemma.norm_unit_offset and gemma.tie_embeddings and gemma.act == "gelu_tanh"
     assert gemma.head_dim == 32 and gemma.embedding_scale == 4.0
+
+
+def test_dynamic_rope_keeps_no_per_length_state(loaded):
+    """Generating past the context must not leave one cached table per length behind."""
+    _, _, model = loaded("llama_dynamic")  # max_position_embeddings 16
+    model.generate(sample_ids(1, 8), max_new_tokens=30, eos_ids=[])
+    assert len(model._rope_cache) <= 1

@@ -21,6 +21,7 @@ class FakeHub:
         self.repos: dict[str, Path] = {}
         self.gated: set[str] = set()
         self.requests: list[tuple[str, str, str]] = []  # (method, repo, file)
+        self.revisions: set[str] = set()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,8 +50,9 @@ class FakeHub:
         if "/resolve/" not in path:
             return self._error(req, 404, "EntryNotFound")
         repo, rest = path.split("/resolve/", 1)
-        _revision, _, name = rest.partition("/")
+        revision, _, name = rest.partition("/")
         self.requests.append(("GET" if body else "HEAD", repo, name))
+        self.revisions.add(revision)
         if repo in self.gated:
             return self._error(req, 403, "GatedRepo")
         if repo not in self.repos:

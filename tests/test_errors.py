@@ -211,6 +211,10 @@ def test_hub_download_fetches_only_what_is_needed_then_works_offline(hub, tmp_pa
     again = run_cli(args, hub, tmp_path / "home", offline=True)
     assert again.returncode == 0, again.stderr
     assert again.stdout == result.stdout and len(hub.requests) == before
+    assert hub.revisions == {"main"}
+    pinned = run_cli([*args, "--revision", "v1.0"], hub, tmp_path / "home2")
+    assert pinned.returncode == 0, pinned.stderr
+    assert hub.revisions == {"main", "v1.0"}
 
 
 def test_hub_errors_are_one_line_with_the_fix(hub, tmp_path):

@@ -25,6 +25,8 @@ OPTIONAL_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
+# What a conversion also carries over: slow-tokenizer files some repos ship beside tokenizer.json.
+CONVERT_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def resolve(
@@ -48,7 +50,8 @@ def resolve(
         raise HubquantError(
             f"'{source}' is a single-file checkpoint; run `hubquant convert {source} --out DIR` and load DIR"
         )
-    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+    # "org/name" or a legacy bare name ("gpt2"); anything path-like that is not a folder is wrong.
+    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
         raise HubquantError(f"'{source}' is neither a checkpoint folder nor a Hub repo id (org/name)")
     return _download(str(source), revision, weights)
 
@@ -74,7 +77,7 @@ def _download(repo: str, revision: str | None, weights: str) -> Path:
         if offline_misses:
             raise offline_misses[0]
         raise HubquantError(f"{repo} has no config.json; it is not a transformers checkpoint")
-    for name in OPTIONAL_FILES:
+    for name in OPTIONAL_FILES + (CONVERT_FILES if weights == "any" else ()):
         fetch(name)
     kinds = [(SAFETENSORS_INDEX, SAFETENSORS)] + ([(BIN_INDEX, BIN)] if weights == "any" else [])
     for index_name, single in kinds:
@@ -139,7 +142,8 @@ class _hub_errors:
             ) from error
         if isinstance(error, errors.RepositoryNotFoundError):
             raise HubquantError(
-                f"Hub repo '{repo}' not found (or private: set HF_TOKEN); check the id"
+                f"'{repo}' is not a local folder, and no Hub repo of that id was found "
+                "(or it is private: set HF_TOKEN); check the path or id"
             ) from error
         if isinstance(error, errors.RevisionNotFoundError):
             raise HubquantError(f"revision '{rev}' not found in {repo}; check --revision") from error

@@ -219,7 +219,8 @@ def test_hub_download_fetches_only_what_is_needed_then_works_offline(hub, tmp_pa
 
 def test_hub_errors_are_one_line_with_the_fix(hub, tmp_path):
     home = tmp_path / "home"
-    assert "not found" in one_error_line(run_cli(["generate", "org/nothing"], hub, home))
+    missing = one_error_line(run_cli(["generate", "org/nothing"], hub, home))
+    assert "no Hub repo" in missing and "org/nothing" in missing and "HF_TOKEN" in missing
     gated = one_error_line(run_cli(["generate", "org/gated"], hub, home))
     assert "gated" in gated and "HF_TOKEN" in gated
     offline = one_error_line(run_cli(["generate", "org/tiny"], hub, home, offline=True))

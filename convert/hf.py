@@ -8,7 +8,6 @@ instance, a function...) could run arbitrary code when loaded, so it is refused,
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from pathlib import Path
@@ -17,23 +16,14 @@ from typing import Any
 import torch
 
 from hubquant.errors import HubquantError
+from hubquant.models.checkpoint import read_index, read_json
+from hubquant.models.hub import BIN_INDEX, SAFETENSORS_INDEX, SLOW_TOKENIZER_FILES, TOKENIZER_FILES
 from hubquant.models.safetensors_file import SafetensorsFile
 
 from .source import SourceCheckpoint, TensorInfo
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    # Slow/GPT-2 style tokenizers (Phi...) ship these beside or instead of tokenizer.json.
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-)
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
+# Tokenizer files copied beside the weights, fast and slow alike.
+CARRIED_FILES = (*TOKENIZER_FILES, *SLOW_TOKENIZER_FILES)
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _DIGITS = re.compile(r"(\d+)")
 
@@ -52,7 +42,7 @@ def read_hf_folder(folder: str | Path) -> SourceCheckpoint:
     folder = Path(folder)
     config = _json(folder / "config.json", required=True)
     generation = _json(folder / "generation_config.json", required=False)
-    tokenizer = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+    tokenizer = {name: (folder / name).read_bytes() for name in CARRIED_FILES if (folder / name).is_file()}
     shards = _shards(folder, SAFETENSORS_INDEX, "model*.safetensors")
     if shards:
         reader: _SafetensorsReader | _BinReader = _SafetensorsReader(folder, shards)
@@ -83,10 +73,7 @@ def _json(path: Path, *, required: bool) -> Any:
                 "a Hub repo id or a .gguf file"
             )
         return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise HubquantError(f"{path} is not valid JSON ({error}); re-download or fix it") from None
+    return read_json(path, path.name)
 
 
 def _shards(folder: Path, index_name: str, pattern: str) -> list[str]:
@@ -94,14 +81,7 @@ def _shards(folder: Path, index_name: str, pattern: str) -> list[str]:
     index = folder / index_name
     if not index.is_file():
         return sorted((p.name for p in folder.glob(pattern) if p.is_file()), key=_natural)
-    weight_map = (_json(index, required=True) or {}).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise HubquantError(f"{index} has no weight_map; re-download the checkpoint")
-    shards = sorted(set(weight_map.values()), key=_natural)
-    for shard in shards:
-        if not (folder / shard).is_file():
-            raise HubquantError(f"shard {shard} listed in {index} is missing; re-download the checkpoint")
-    return shards
+    return sorted(read_index(index), key=_natural)
 
 
 def _natural(name: str) -> list[Any]:

@@ -27,6 +27,7 @@ import torch
 
 from hubquant.errors import HubquantError
 from hubquant.models.config import torch_dtype
+from hubquant.models.hub import SAFETENSORS_INDEX
 from hubquant.models.safetensors_file import SafetensorsWriter
 
 from .source import SourceCheckpoint, TensorInfo
@@ -45,7 +46,6 @@ _UNITS = {
     "TIB": 2**40,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
-INDEX = "model.safetensors.index.json"
 
 
 def parse_size(size: str | int) -> int:
@@ -82,11 +82,7 @@ def check_out(out: Path, force: bool) -> None:
 
 def output_size(info: TensorInfo, dtype: torch.dtype) -> int:
     """Bytes `info` takes once written: floating tensors in `dtype`, others as they are."""
-    out_dtype = dtype if info.dtype.is_floating_point else info.dtype
-    numel = 1
-    for dim in info.shape:
-        numel *= dim
-    return numel * out_dtype.itemsize
+    return math.prod(info.shape) * _out_dtype(info, dtype).itemsize
 
 
 def plan_shards(tensors: list[TensorInfo], dtype: torch.dtype, limit: int) -> list[list[TensorInfo]]:
@@ -200,22 +196,20 @@ def _write_shards(
         for i, infos in enumerate(plan, 1):
             name = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
             entries = [(info.name, tuple(info.shape), _out_dtype(info, dtype)) for info in infos]
+            # OSErrors (disk full...) become one line, with the fix, in `_staging`.
+            writer = SafetensorsWriter(tmp / name, entries, metadata={"format": "pt"})
             try:
-                writer = SafetensorsWriter(tmp / name, entries, metadata={"format": "pt"})
-                try:
-                    for info, (_, _, out_dtype) in zip(infos, entries, strict=True):
-                        for part in _read_cast(src, info, out_dtype):
-                            writer.write(part)
-                            total += part.nbytes
-                            del part  # hold nothing while the next slice or tensor is read
-                        weight_map[info.name] = name
-                        bar.update()
-                except BaseException:
-                    writer.close(check=False)  # the staging folder is removed by the caller
-                    raise
-                writer.close()
-            except OSError as error:
-                raise HubquantError(f"cannot write {name}: {error.strerror or error}") from None
+                for info, (_, _, out_dtype) in zip(infos, entries, strict=True):
+                    for part in _read_cast(src, info, out_dtype):
+                        writer.write(part)
+                        total += part.nbytes
+                        del part  # hold nothing while the next slice or tensor is read
+                    weight_map[info.name] = name
+                    bar.update()
+            except BaseException:
+                writer.close(check=False)  # the staging folder is removed by the caller
+                raise
+            writer.close()
     return weight_map, total
 
 
@@ -281,7 +275,7 @@ def _write_metadata(
         "hubquant_version": __version__,
     }
     index = {"metadata": {"total_size": total, **details}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(tmp / INDEX, index)
+    _write_json(tmp / SAFETENSORS_INDEX, index)
     (tmp / "README.md").write_text(readme(details, config))
 
 

@@ -40,22 +40,30 @@ def read_config(folder: Path) -> dict[str, Any]:
     return read_json(path, "config.json")
 
 
+def read_index(index_path: Path) -> dict[str, list[str]]:
+    """Shard file name -> tensor names, from a `*.index.json`; every listed shard must exist.
+
+    Args:
+        index_path: `model.safetensors.index.json` or `pytorch_model.bin.index.json`.
+    """
+    weight_map = read_json(index_path, index_path.name).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HubquantError(f"{index_path} has no weight_map; re-download the checkpoint")
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, []).append(name)
+    for shard in shards:
+        if not (index_path.parent / shard).is_file():
+            raise HubquantError(
+                f"shard {shard} listed in {index_path} is missing; re-download the checkpoint"
+            )
+    return dict(sorted(shards.items()))
+
+
 def shard_files(folder: Path) -> dict[str, list[str] | None]:
     """Shard file name -> tensor names the index assigns to it (None: single file, no index)."""
-    index_path = folder / SAFETENSORS_INDEX
-    if index_path.is_file():
-        weight_map = read_json(index_path, SAFETENSORS_INDEX).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise HubquantError(f"{index_path} has no weight_map; re-download the checkpoint")
-        shards: dict[str, list[str] | None] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, []).append(name)  # type: ignore[union-attr]
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise HubquantError(
-                    f"shard {shard} listed in {index_path} is missing; re-download the checkpoint"
-                )
-        return dict(sorted(shards.items()))
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return dict(read_index(folder / SAFETENSORS_INDEX))
     if (folder / SAFETENSORS).is_file():
         return {SAFETENSORS: None}
     if (folder / BIN).is_file() or (folder / BIN_INDEX).is_file():

@@ -18,15 +18,16 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-OPTIONAL_FILES = (
-    "generation_config.json",
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-# What a conversion also carries over: slow-tokenizer files some repos ship beside tokenizer.json.
-CONVERT_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+# What a conversion also carries over: slow-tokenizer files some repos (Phi...) ship beside
+# or instead of tokenizer.json.
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+OPTIONAL_FILES = ("generation_config.json", *TOKENIZER_FILES)
 
 
 def resolve(
@@ -77,7 +78,7 @@ def _download(repo: str, revision: str | None, weights: str) -> Path:
         if offline_misses:
             raise offline_misses[0]
         raise HubquantError(f"{repo} has no config.json; it is not a transformers checkpoint")
-    for name in OPTIONAL_FILES + (CONVERT_FILES if weights == "any" else ()):
+    for name in OPTIONAL_FILES + (SLOW_TOKENIZER_FILES if weights == "any" else ()):
         fetch(name)
     kinds = [(SAFETENSORS_INDEX, SAFETENSORS)] + ([(BIN_INDEX, BIN)] if weights == "any" else [])
     for index_name, single in kinds:

@@ -14,6 +14,7 @@ The format is simple: an 8-byte little-endian header length, a JSON header of
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -86,7 +87,7 @@ class SafetensorsFile:
                 dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
             except (KeyError, TypeError, ValueError):
                 raise self._corrupt(f"bad header entry for {name}") from None
-            expected = dtype.itemsize * _numel(shape)
+            expected = dtype.itemsize * math.prod(shape)
             if not 0 <= begin <= end <= data_size or end - begin != expected:
                 raise self._corrupt(f"tensor {name} lies outside the file or has the wrong byte size")
         return metadata, header, 8 + length
@@ -144,13 +145,6 @@ class SafetensorsFile:
         self.close()
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for dim in shape:
-        n *= int(dim)
-    return n
-
-
 CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
@@ -176,7 +170,7 @@ class SafetensorsWriter:
         offset = 0
         self._sizes: list[tuple[str, int]] = []
         for name, shape, dtype in entries:
-            size = dtype.itemsize * _numel(list(shape))
+            size = dtype.itemsize * math.prod(shape)
             header[name] = {
                 "dtype": CODES[dtype],
                 "shape": list(shape),

@@ -111,11 +111,10 @@ def plan_shards(tensors: list[TensorInfo], dtype: torch.dtype, limit: int) -> li
     return shards
 
 
-def tied_embeddings(config: dict[str, Any]) -> bool:
+def tied_embeddings(config: dict[str, Any], family: Any) -> bool:
     """Whether the head shares the embeddings: config.json's word, else the family's default."""
     if config.get("tie_word_embeddings") is not None:
         return bool(config["tie_word_embeddings"])
-    family = _family(config)
     return bool(family.tie_default) if family is not None else False
 
 
@@ -131,8 +130,8 @@ def _family(config: dict[str, Any]) -> Any:
 
 def tensors_to_write(src: SourceCheckpoint) -> list[TensorInfo]:
     """The source's tensors minus those a loader re-derives: a tied `lm_head.weight`, RoPE tables."""
-    tied = tied_embeddings(src.config)
     family = _family(src.config)
+    tied = tied_embeddings(src.config, family)
     kept = []
     for info in src.tensors:
         if tied and info.name == "lm_head.weight":

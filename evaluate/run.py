@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from hubquant.errors import HubquantError
 from hubquant.models import load
 from hubquant.models.config import torch_dtype
 
@@ -40,7 +41,7 @@ def run_eval(
     model, tokenizer = load(source, revision=revision, dtype=torch_dtype(dtype), device=device)
     load_s = time.perf_counter() - start
     if tokenizer is None:
-        raise_no_tokenizer(name)
+        raise HubquantError(f"{name} ships no tokenizer.json; evaluation needs its tokenizer")
 
     text = pydoc_text()[: max_tokens * 8]  # ample characters for max_tokens tokens
     ids = torch.tensor(tokenizer.encode(text)[:max_tokens])
@@ -63,9 +64,3 @@ def run_eval(
     )
     print(f"sample     {PROMPT}{tokenizer.decode(out[0, prompt.shape[1] :])!r}")
     return {"load_s": load_s, "perplexity": ppl.perplexity, "decode_tok_s": new / decode_s}
-
-
-def raise_no_tokenizer(name: str) -> None:
-    from hubquant.errors import HubquantError
-
-    raise HubquantError(f"{name} ships no tokenizer.json; evaluation needs its tokenizer")

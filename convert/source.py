@@ -19,11 +19,14 @@ class TensorInfo:
         name: the Hugging Face (Hub layout) name, e.g. "model.layers.0.self_attn.q_proj.weight".
         shape: its shape in the Hub layout.
         dtype: the torch dtype `read()` returns before any cast.
+        row_block: `read_rows` reads each row once only when asked on multiples of this many rows
+            (a GGUF q/k projection: one head, which llama.cpp's permutation mixes within).
     """
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    row_block: int = 1
 
 
 @dataclass

@@ -111,13 +111,6 @@ def plan_shards(tensors: list[TensorInfo], dtype: torch.dtype, limit: int) -> li
     return shards
 
 
-def tied_embeddings(config: dict[str, Any], family: Any) -> bool:
-    """Whether the head shares the embeddings: config.json's word, else the family's default."""
-    if config.get("tie_word_embeddings") is not None:
-        return bool(config["tie_word_embeddings"])
-    return bool(family.tie_default) if family is not None else False
-
-
 def _family(config: dict[str, Any]) -> Any:
     """hubquant's family for this config, or None: converting does not need hubquant to load it."""
     from hubquant.models import family_for
@@ -131,7 +124,8 @@ def _family(config: dict[str, Any]) -> Any:
 def tensors_to_write(src: SourceCheckpoint) -> list[TensorInfo]:
     """The source's tensors minus those a loader re-derives: a tied `lm_head.weight`, RoPE tables."""
     family = _family(src.config)
-    tied = tied_embeddings(src.config, family)
+    # The family's tie rule; for an architecture hubquant does not load, config.json's word alone.
+    tied = family.tied(src.config) if family is not None else bool(src.config.get("tie_word_embeddings"))
     kept = []
     for info in src.tensors:
         if tied and info.name == "lm_head.weight":
@@ -227,6 +221,7 @@ def _read_cast(src: SourceCheckpoint, info: TensorInfo, dtype: torch.dtype) -> I
         yield _checked(src.read(info.name), tuple(info.shape), info.name).to(dtype)
         return
     step = max(1, ROW_CHUNK_BYTES // (math.prod(info.shape[1:]) * info.dtype.itemsize))
+    step = max(info.row_block, step - step % info.row_block)  # whole blocks: each row read once
     for start, stop in _spans(info.shape[0], step):
         part = src.read_rows(info.name, start, stop)
         yield _checked(part, (stop - start, *info.shape[1:]), info.name).to(dtype)

@@ -137,7 +137,7 @@ def _write_gguf(path: Path, arch: str, metadata: dict[str, Any], tensors: dict[s
         elif isinstance(value, str):
             writer.add_string(key, value)
         else:
-            writer.add_array(key, value)
+            writer.add_array(key, value)  # a list of Python floats is written as FLOAT32
     for name, tensor in tensors.items():
         if isinstance(tensor, tuple):
             writer.add_tensor(name, tensor[0], raw_dtype=tensor[1])
@@ -150,17 +150,23 @@ def _write_gguf(path: Path, arch: str, metadata: dict[str, Any], tensors: dict[s
     return path
 
 
-def _hparams(arch: str, config: Any, eps_key: str) -> dict[str, Any]:
-    return {
-        f"{arch}.context_length": config.max_position_embeddings,
-        f"{arch}.embedding_length": config.hidden_size,
-        f"{arch}.block_count": config.num_hidden_layers,
-        f"{arch}.feed_forward_length": config.intermediate_size,
-        f"{arch}.attention.head_count": config.num_attention_heads,
-        f"{arch}.attention.head_count_kv": config.num_key_value_heads,
-        f"{arch}.attention.{eps_key}": float(getattr(config, "rms_norm_eps", None) or config.layer_norm_eps),
-        f"{arch}.rope.freq_base": float(config.rope_parameters["rope_theta"]),
+K = gguf.Keys
+
+
+def _hparams(arch: str, config: Any) -> dict[str, Any]:
+    """Hyperparameters under gguf-py's own key names (`gguf.Keys`), as llama.cpp's converter writes them."""
+    eps = K.Attention.LAYERNORM_EPS if arch == "phi2" else K.Attention.LAYERNORM_RMS_EPS
+    values = {
+        K.LLM.CONTEXT_LENGTH: config.max_position_embeddings,
+        K.LLM.EMBEDDING_LENGTH: config.hidden_size,
+        K.LLM.BLOCK_COUNT: config.num_hidden_layers,
+        K.LLM.FEED_FORWARD_LENGTH: config.intermediate_size,
+        K.Attention.HEAD_COUNT: config.num_attention_heads,
+        K.Attention.HEAD_COUNT_KV: config.num_key_value_heads,
+        eps: float(getattr(config, "rms_norm_eps", None) or config.layer_norm_eps),
+        K.Rope.FREQ_BASE: float(config.rope_parameters["rope_theta"]),
     }
+    return {key.format(arch=arch): value for key, value in values.items()}
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -168,42 +174,24 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_LAYER_TO_GGUF = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.dense": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "mlp.fc1": "ffn_up",
-    "mlp.fc2": "ffn_down",
-}
-_GLOBAL_TO_GGUF = {
-    "model.embed_tokens": "token_embd",
-    "model.norm": "output_norm",
-    "model.final_layernorm": "output_norm",
-    "lm_head": "output",
-}
+def _gguf_arch(arch: str) -> gguf.MODEL_ARCH:
+    return next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
 
 
-def _to_gguf_name(hf_name: str) -> str:
-    module, suffix = hf_name.rsplit(".", 1)
-    if module.startswith("model.layers."):
-        _, _, layer, rest = module.split(".", 3)
-        return f"blk.{layer}.{_LAYER_TO_GGUF[rest]}.{suffix}"
-    return f"{_GLOBAL_TO_GGUF[module]}.{suffix}"
+_XIELU = ("alpha_p", "alpha_n", "beta", "eps")
 
 
 def _to_gguf_tensors(model: torch.nn.Module, arch: str) -> dict[str, np.ndarray]:
-    """What llama.cpp's converter writes for an HF model (F32), transforms included."""
+    """What llama.cpp's converter writes for an HF model (F32), transforms included, with tensor names
+    from gguf-py's own `TensorNameMap` (not from hubquant). Apertus' xIELU parameters are left out:
+    llama.cpp keeps them as metadata (`_xielu_metadata`)."""
     config, out = model.config, {}
+    names = gguf.TensorNameMap(_gguf_arch(arch), config.num_hidden_layers)
     for name, tensor in model.state_dict().items():
         w = tensor.float().numpy()
         if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name.rsplit(".", 1)[-1] in _XIELU:
             continue
         if arch == "llama" and ".q_proj." in name:
             w = _permute(w, config.num_attention_heads)
@@ -211,13 +199,26 @@ def _to_gguf_tensors(model: torch.nn.Module, arch: str) -> dict[str, np.ndarray]
             w = _permute(w, config.num_key_value_heads)
         if arch == "gemma" and name.endswith("norm.weight"):
             w = w + 1
-        out[_to_gguf_name(name)] = w
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        out[gguf_name] = w
     if arch == "phi2":  # llama.cpp keeps Phi-2's attention as one fused tensor
         for layer in range(config.num_hidden_layers):
             for suffix in ("weight", "bias"):
                 parts = [out.pop(f"blk.{layer}.attn_{p}.{suffix}") for p in "qkv"]
                 out[f"blk.{layer}.attn_qkv.{suffix}"] = np.concatenate(parts, axis=0)
     return out
+
+
+def _xielu_metadata(model: torch.nn.Module) -> dict[str, list[float]]:
+    """Apertus' per-layer xIELU parameters under gguf-py's keys, as llama.cpp's converter stores them."""
+    state = model.state_dict()
+    layers = range(model.config.num_hidden_layers)
+    keys = {"alpha_p": K.xIELU.ALPHA_P, "alpha_n": K.xIELU.ALPHA_N, "beta": K.xIELU.BETA, "eps": K.xIELU.EPS}
+    return {
+        key: [float(state[f"model.layers.{i}.mlp.act_fn.{param}"].float().reshape(-1)[0]) for i in layers]
+        for param, key in keys.items()
+    }
 
 
 def _randomise_norms(model: torch.nn.Module, center: float) -> None:
@@ -254,6 +255,20 @@ def _tiny_model(arch: str) -> torch.nn.Module:
             **common,
         )
         model = transformers.GemmaForCausalLM(config)
+    elif arch == "apertus":
+        config = transformers.ApertusConfig(
+            vocab_size=len(_gpt2_vocab()["tokenizer.ggml.tokens"]),
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_theta": 500000.0, **_APERTUS_ROPE},
+            **common,
+        )
+        model = transformers.ApertusForCausalLM(config)
+        with torch.no_grad():  # move each layer's xIELU parameters off their shared init
+            for name, tensor in model.state_dict().items():
+                if name.rsplit(".", 1)[-1] in ("alpha_p", "alpha_n", "beta"):
+                    tensor.add_(0.1 * torch.randn(tensor.shape))
     else:
         config = transformers.PhiConfig(
             vocab_size=len(_gpt2_vocab()["tokenizer.ggml.tokens"]),
@@ -268,11 +283,25 @@ def _tiny_model(arch: str) -> torch.nn.Module:
     return model.eval()
 
 
+_APERTUS_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
 def _write_tiny(tmp_path: Path, arch: str) -> tuple[torch.nn.Module, Path]:
     model = _tiny_model(arch)
     config = model.config
-    eps_key = "layer_norm_epsilon" if arch == "phi2" else "layer_norm_rms_epsilon"
-    metadata = {**_hparams(arch, config, eps_key), **(_spm_vocab() if arch == "llama" else _gpt2_vocab())}
+    metadata = {**_hparams(arch, config), **(_spm_vocab() if arch == "llama" else _gpt2_vocab())}
+    tensors = _to_gguf_tensors(model, arch)
+    if arch == "apertus":
+        metadata.update(_xielu_metadata(model))
+        head_dim = config.hidden_size // config.num_attention_heads
+        metadata[K.Rope.DIMENSION_COUNT.format(arch=arch)] = head_dim
+        tensors["rope_freqs.weight"] = _llama_cpp_rope_freqs(500000.0, head_dim, _APERTUS_ROPE)
     if arch == "gemma":
         metadata[f"{arch}.attention.key_length"] = config.head_dim
         metadata[f"{arch}.attention.value_length"] = config.head_dim
@@ -283,7 +312,7 @@ def _write_tiny(tmp_path: Path, arch: str) -> tuple[torch.nn.Module, Path]:
         )
     if arch == "llama":
         metadata[f"{arch}.rope.dimension_count"] = config.head_dim
-    path = _write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, metadata, _to_gguf_tensors(model, arch))
+    path = _write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, metadata, tensors)
     return model, path
 
 
@@ -305,7 +334,7 @@ def _model_from_source(source: Any) -> torch.nn.Module:
 # 2. Round trips through read_gguf: each architecture, and quantised tensors within the format's error.
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma", "phi2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma", "phi2", "apertus"])
 def test_tiny_architecture_round_trip(tmp_path: Path, arch: str) -> None:
     original, path = _write_tiny(tmp_path, arch)
     source = read_gguf(path)
@@ -368,7 +397,7 @@ def test_llama3_rope_scaling_recovered(tmp_path: Path) -> None:
     tensors = _to_gguf_tensors(original, "llama")
     tensors["rope_freqs.weight"] = _llama_cpp_rope_freqs(10000.0, 16, scaling)
     metadata = {
-        **_hparams("llama", config, "layer_norm_rms_epsilon"),
+        **_hparams("llama", config),
         **_spm_vocab(),
         "llama.rope.dimension_count": 16,
     }
@@ -399,6 +428,42 @@ def test_read_is_lazy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == []
     source.read("model.norm.weight")
     assert calls == [Q.F32]
+
+
+def test_each_tensor_dequantised_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conversion in small row slices dequantises every element once, permuted q/k included: the
+    writer asks for whole heads, and the unpermute works head by head."""
+    import hubquant.convert.writer as writer_mod
+    from hubquant.convert import convert
+
+    original, path = _write_tiny(tmp_path, "llama")
+    source = read_gguf(path)
+    row_bytes = original.config.hidden_size * 4
+    monkeypatch.setattr(writer_mod, "ROW_CHUNK_BYTES", 5 * row_bytes)  # 5 rows: not a head multiple
+    read: list[int] = []
+    real = gguf_mod.dequantize
+    monkeypatch.setattr(gguf_mod, "dequantize", lambda data, qtype, n: read.append(n) or real(data, qtype, n))
+    out = convert(path, tmp_path / "out", dtype="fp32", progress=False)
+    assert sum(read) == sum(math.prod(info.shape) for info in source.tensors)
+    assert len(read) > len(source.tensors)  # large tensors really were read in slices
+    from safetensors.torch import load_file
+
+    state = {}
+    for shard in out.glob("*.safetensors"):
+        state.update(load_file(shard))
+    for name, tensor in original.state_dict().items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_rows_of_permuted_tensor_off_head_boundaries(tmp_path: Path) -> None:
+    original, path = _write_tiny(tmp_path, "llama")
+    source = read_gguf(path)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert next(info for info in source.tensors if info.name == name).row_block == 16  # head_dim
+    for start, stop in [(0, 16), (3, 29), (17, 18), (40, 64)]:
+        torch.testing.assert_close(
+            source.read_rows(name, start, stop), original.state_dict()[name][start:stop]
+        )
 
 
 def _quantize_q4_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -444,7 +509,7 @@ def test_quantised_tensors_within_format_error(tmp_path: Path) -> None:
     tensors["blk.0.ffn_up.weight"] = (gguf.quants.quantize(up, Q.Q8_0), Q.Q8_0)
     q4k_blocks, q4k_step = _quantize_q4_k(gate)
     tensors["blk.0.ffn_gate.weight"] = (q4k_blocks.reshape(gate.shape[0], -1), Q.Q4_K)
-    metadata = {**_hparams("llama", big.config, "layer_norm_rms_epsilon"), **_spm_vocab()}
+    metadata = {**_hparams("llama", big.config), **_spm_vocab()}
     metadata["llama.rope.dimension_count"] = big.config.head_dim
     source = read_gguf(_write_gguf(tmp_path / "quant.gguf", "llama", metadata, tensors))
 
@@ -640,7 +705,9 @@ def test_truncated_tensor_data(tmp_path: Path) -> None:
 def test_unsupported_architecture(tmp_path: Path) -> None:
     metadata = {"mamba.block_count": 1, "mamba.embedding_length": 8}
     path = _write_gguf(tmp_path / "mamba.gguf", "mamba", metadata, {"token_embd.weight": np.zeros((4, 8))})
-    _assert_one_line_error(path, "GGUF architecture 'mamba' is not supported; supported: llama, gemma, phi2")
+    _assert_one_line_error(
+        path, "GGUF architecture 'mamba' is not supported; supported: apertus, gemma, llama, phi2"
+    )
 
 
 def test_unsupported_tensor_type(tmp_path: Path) -> None:
@@ -648,7 +715,7 @@ def test_unsupported_tensor_type(tmp_path: Path) -> None:
     tensors = _to_gguf_tensors(model, "llama")
     _, type_size = GGML_QUANT_SIZES[Q.Q2_K]
     tensors["blk.0.ffn_up.weight"] = (np.zeros((512, type_size), np.uint8), Q.Q2_K)
-    metadata = {**_hparams("llama", model.config, "layer_norm_rms_epsilon"), **_spm_vocab()}
+    metadata = {**_hparams("llama", model.config), **_spm_vocab()}
     path = _write_gguf(tmp_path / "q2k.gguf", "llama", metadata, tensors)
     _assert_one_line_error(path, "blk.0.ffn_up.weight", "Q2_K")
 
@@ -656,7 +723,7 @@ def test_unsupported_tensor_type(tmp_path: Path) -> None:
 def test_shape_not_matching_hyperparameters(tmp_path: Path) -> None:
     model = _tiny_model_with_hidden(256)
     tensors = _to_gguf_tensors(model, "llama")
-    metadata = {**_hparams("llama", model.config, "layer_norm_rms_epsilon"), **_spm_vocab()}
+    metadata = {**_hparams("llama", model.config), **_spm_vocab()}
     metadata["llama.feed_forward_length"] = 384  # the tensors say 512
     path = _write_gguf(tmp_path / "shape.gguf", "llama", metadata, tensors)
     _assert_one_line_error(path, "blk.0.ffn_gate.weight", "[512, 256]", "[384, 256]")

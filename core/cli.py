@@ -6,20 +6,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+# Neither import pulls in torch: `--help`, `--version` and argument errors answer without it.
+# Commands import torch (and the rest) inside their own functions.
+from hubquant import __version__
 from hubquant.errors import HubquantError
-
-DTYPES = ("bf16", "fp16", "fp32")
+from hubquant.models.config import DTYPE_NAMES
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from hubquant.models import load
-    from hubquant.models.config import torch_dtype
 
-    model, tokenizer = load(
-        args.source, revision=args.revision, dtype=torch_dtype(args.dtype), device=args.device
-    )
+    model, tokenizer = load(args.source, revision=args.revision, dtype=args.dtype, device=args.device)
     if tokenizer is None:
         raise HubquantError(f"{args.source} ships no tokenizer.json, so text cannot be generated from it")
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)
@@ -71,11 +70,13 @@ def _device_defaults(device: str | None) -> tuple[str, str]:
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, ("fp32" if device == "cpu" else "bf16")
+    return device, ("fp32" if device.partition(":")[0] == "cpu" else "bf16")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: `generate`, `convert` and `eval`, each with its options."""
     parser = argparse.ArgumentParser(prog="hubquant", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -106,21 +107,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     for p in (gen, conv, ev):
         p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
-        p.add_argument("--dtype", choices=DTYPES, default=None)
+        p.add_argument(
+            "--dtype",
+            choices=DTYPE_NAMES,
+            default=None,
+            help="default: fp32 on cpu, bf16 on a GPU (convert: bf16)",
+        )
     for p in (gen, ev):
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """Defaults that depend on the machine. They need torch, so they are computed only once a
+    command is about to run, never for `--help` or an argument error."""
     if hasattr(args, "device"):
         args.device, default_dtype = _device_defaults(args.device)
     else:
         default_dtype = "bf16"  # convert's output
     args.dtype = args.dtype or default_dtype
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `hubquant` command line.
+
+    Args:
+        argv: the arguments, without the program name (default: `sys.argv[1:]`).
+
+    Returns:
+        The exit status: 0 on success, 1 on an error (printed as one line), 130 on Ctrl-C.
+        `--help`, `--version` and argument errors exit through argparse (SystemExit 0 or 2).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        _fill_defaults(args)
         args.func(args)
     except HubquantError as error:
         if args.debug:

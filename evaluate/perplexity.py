@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hubquant.errors import HubquantError
+
 
 def pydoc_text() -> str:
     """Real English text that ships with CPython: its own documentation topics."""
@@ -51,16 +53,25 @@ def perplexity(
     Args:
         model: called as `model(input_ids, attention_mask)` -> logits `[batch, seq, vocab]`.
         ids: token ids, bos included if the model expects one.
-        window: tokens per forward.
-        stride: tokens between window starts (<= window).
+        window: tokens per forward, 2 or more.
+        stride: tokens between window starts, 1 to `window`.
         batch_size: windows per forward; the last, shorter window is right-padded.
         progress: show a progress bar.
     """
     from tqdm.auto import tqdm
 
-    if not 0 < stride <= window:
-        raise ValueError(f"stride ({stride}) must be in 1..window ({window})")
+    # A window scores each token from the ones before it, so it needs two tokens at least; a
+    # stride past the window would leave tokens between windows unscored.
+    if window < 2:
+        raise HubquantError(f"perplexity window is {window} tokens; it must be 2 or more (--window)")
+    if not 1 <= stride <= window:
+        raise HubquantError(
+            f"perplexity stride is {stride} tokens; it must be between 1 and the window, {window} "
+            "(--stride, --window)"
+        )
     n = ids.numel()
+    if n < 2:
+        raise HubquantError(f"perplexity needs at least 2 tokens of text, got {n}; pass more text")
     spans = []  # (begin, end, tokens to score at the end of the window)
     prev_end = 0
     for begin in range(0, n, stride):

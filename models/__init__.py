@@ -1,11 +1,39 @@
-"""Canonical models: one decoder parametrised by `ModelConfig`, families registered by architecture."""
+"""Canonical models: one decoder parametrised by `ModelConfig`, families registered by architecture.
 
-from .config import ModelConfig, RopeConfig
-from .decoder import Decoder, KVCache
-from .families import Family, family_for, register, supported_architectures
-from .generate import generate
-from .loading import load
-from .tokenizer import Tokenizer
+The public names are resolved on first use (PEP 562): importing `hubquant.models` (which the CLI
+does to read the dtype names in `config.py`) must not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
+from hubquant import _LazyPackage
+
+if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
+    from .config import ModelConfig, RopeConfig
+    from .decoder import Decoder, KVCache
+    from .families import Family, family_for, register, supported_architectures
+    from .generate import generate
+    from .loading import load
+    from .tokenizer import Tokenizer
+
+# Public name -> the submodule (relative to this package) that defines it.
+_LAZY: dict[str, str] = {
+    "Decoder": "decoder",
+    "Family": "families",
+    "KVCache": "decoder",
+    "ModelConfig": "config",
+    "RopeConfig": "config",
+    "Tokenizer": "tokenizer",
+    "family_for": "families",
+    "generate": "generate",
+    "load": "loading",
+    "register": "families",
+    "supported_architectures": "families",
+}
 
 __all__ = [
     "Decoder",
@@ -20,3 +48,25 @@ __all__ = [
     "register",
     "supported_architectures",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's submodule on first access and cache the name here.
+
+    Args:
+        name: the attribute asked for.
+    """
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+# A submodule import must not replace `generate` (the function) with models/generate.py.
+sys.modules[__name__].__class__ = _LazyPackage

@@ -8,33 +8,50 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from hubquant.errors import HubquantError
 
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
+if TYPE_CHECKING:
+    import torch
+
+# The one rule for dtype names, used by `load`, `convert` and the CLI. This module imports torch
+# only inside `torch_dtype`: the CLI reads DTYPE_NAMES for `--dtype` before torch is needed.
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # what the CLI offers and messages suggest
+# Every accepted spelling -> torch's own name (also what config.json's "torch_dtype" holds).
+DTYPES: dict[str, str] = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "float32": "float32",
 }
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """The torch dtype for "bf16" / "fp16" / "fp32" (or a floating torch dtype given as is).
+    """The torch dtype for "bf16" / "fp16" / "fp32" (or "bfloat16" / "float16" / "float32", or one
+    of those torch dtypes given as is).
 
     Args:
-        dtype: the output dtype's name, or a torch dtype.
+        dtype: the dtype's name, or a torch dtype.
+
+    Raises:
+        HubquantError: for anything else, naming the value and the accepted ones.
     """
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise HubquantError(f"dtype '{dtype}' is not supported; use one of bf16, fp16, fp32")
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        if str(dtype).removeprefix("torch.") in DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str):
+        name = DTYPES.get(dtype.strip().lower().removeprefix("torch."))
+        if name is not None:
+            return getattr(torch, name)
+    raise HubquantError(
+        f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPE_NAMES)} "
+        "(or bfloat16, float16, float32, or that torch dtype)"
+    )
 
 
 Norm = Literal["rms", "layer"]
@@ -117,12 +134,24 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        # These come straight from config.json, so the messages name its keys, not our fields.
+        if self.num_heads < 1 or self.num_kv_heads < 1:
+            raise HubquantError(
+                f"config.json gives num_attention_heads={self.num_heads} and "
+                f"num_key_value_heads={self.num_kv_heads}; both must be at least 1: fix config.json"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            raise HubquantError(
+                f"config.json's num_attention_heads ({self.num_heads}) is not a multiple of its "
+                f"num_key_value_heads ({self.num_kv_heads}): each key/value head serves a whole group "
+                "of query heads; fix one of the two in config.json"
             )
         if self.rotary_dims % 2:
-            raise ValueError(f"rotary dims ({self.rotary_dims}) must be even")
+            raise HubquantError(
+                f"RoPE would rotate {self.rotary_dims} dims per head (head_dim {self.head_dim} x "
+                f"partial_rotary_factor {self.rotary_fraction}), an odd number, but it rotates pairs; "
+                "fix head_dim (or hidden_size / num_attention_heads) or partial_rotary_factor in config.json"
+            )
 
     @property
     def rotary_dims(self) -> int:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hubquant.errors import HubquantError
+
 from .config import ModelConfig, RopeConfig
 
 
@@ -354,7 +356,11 @@ class Decoder(nn.Module):
         steps = torch.arange(t, device=device)
         if cache is not None:
             if past + t > cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} tokens; this step needs {past + t}")
+                raise HubquantError(
+                    f"the KV cache holds {cache.max_len} tokens but this step needs {past + t}; "
+                    f"allocate it longer: KVCache(..., max_len={past + t} or more), i.e. prompt plus "
+                    "max_new_tokens"
+                )
             cache.valid[:, past : past + t] = True if real is None else real
             cache.padded = cache.padded or real is not None
             count = steps[None].expand(b, t) + 1 if real is None else real.long().cumsum(-1)

@@ -1,19 +1,26 @@
-"""Find a checkpoint: a local folder as is, or a Hub repo downloaded file by file into the HF cache.
+"""Find a checkpoint: a local folder as is, or a Hub repo downloaded into the HF cache.
 
-Only what loading needs is fetched: config, generation config, tokenizer files and the
-safetensors shards the index lists. `HF_HUB_OFFLINE`, `HF_TOKEN` and `revision` are honoured by
-`huggingface_hub` itself; its errors become one-line `HubquantError`s that say what to do.
+Only what loading needs is fetched, with two `huggingface_hub.snapshot_download` calls: the first
+takes the config, generation config, tokenizer files and the safetensors index; the second takes
+exactly the shards that index lists, several at a time, resuming any interrupted download.
+`HF_HUB_OFFLINE`, `HF_TOKEN` and `revision` are honoured by `huggingface_hub` itself; its errors
+become one-line `HubquantError`s that say what to do.
+
+This module imports neither torch nor huggingface_hub at import time.
 """
 
 from __future__ import annotations
 
+import glob
 import json
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from hubquant.errors import HubquantError
 
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN = "pytorch_model.bin"
@@ -27,7 +34,11 @@ TOKENIZER_FILES = (
 # What a conversion also carries over: slow-tokenizer files some repos (Phi...) ship beside
 # or instead of tokenizer.json.
 SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-OPTIONAL_FILES = ("generation_config.json", *TOKENIZER_FILES)
+OPTIONAL_FILES = (GENERATION_CONFIG, *TOKENIZER_FILES)
+# Parallel shard downloads: enough to fill a fast link, few enough not to trip the Hub's limits.
+MAX_WORKERS = 8
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def resolve(
@@ -42,7 +53,8 @@ def resolve(
         source: a local folder, or a Hub repo id ("org/name").
         revision: branch, tag or commit on the Hub (ignored for local folders).
         weights: "safetensors" refuses pickle-only checkpoints (pointing to `hubquant convert`);
-            "any" also fetches `pytorch_model*.bin` shards (for the converter).
+            "any" also fetches `pytorch_model*.bin` shards and slow-tokenizer files (for the
+            converter), when the repo has no safetensors.
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -57,68 +69,137 @@ def resolve(
     return _download(str(source), revision, weights)
 
 
+def index_shards(index_path: Path, where: str | None = None) -> list[str]:
+    """The shard file names a `*.index.json` lists, checked: valid JSON, a non-empty weight_map of
+    tensor name -> relative file name. Whether the shards exist is the caller's business (on the
+    Hub they are not downloaded yet).
+
+    Args:
+        index_path: `model.safetensors.index.json` or `pytorch_model.bin.index.json`.
+        where: how to name the index in messages (default: its path).
+
+    Raises:
+        HubquantError: one line naming the index and what is wrong with it.
+    """
+    where = where or str(index_path)
+    fix = "re-download the checkpoint, or fix or remove the index"
+    try:
+        data = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HubquantError(f"{where} is not valid JSON ({error}); {fix}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HubquantError(f"{where} has no weight_map (tensor name -> shard file); {fix}")
+    for tensor, shard in weight_map.items():
+        # A shard name is joined to the checkpoint folder: it must stay inside it.
+        parts = PurePosixPath(shard).parts if isinstance(shard, str) else ()
+        if not parts or parts[0] == "/" or ".." in parts or "\\" in shard:
+            raise HubquantError(f"{where} maps {tensor} to {shard!r}, not a shard file name; {fix}")
+    return sorted(set(weight_map.values()))
+
+
 def _download(repo: str, revision: str | None, weights: str) -> Path:
-    from huggingface_hub import hf_hub_download
+    small = [CONFIG, *OPTIONAL_FILES, *(SLOW_TOKENIZER_FILES if weights == "any" else ()), SAFETENSORS_INDEX]
+    folder = _snapshot(repo, revision, revision, small)
+    # Every later call names the commit this one resolved: no second revision lookup, and all
+    # files come from one commit even if the branch moves meanwhile.
+    commit = folder.name if _COMMIT.fullmatch(folder.name) else revision
+    listing = _listing(repo, commit)  # None: unknown (offline with a cache made without it)
 
-    offline_misses: list[HubquantError] = []
+    def in_repo(name: str) -> bool:
+        return listing is None or name in listing  # unknown: try it
 
-    def fetch(name: str) -> Path | None:
-        """Download one file (or take it from the cache); None if the repo (or cache) lacks it."""
-        try:
-            with _hub_errors(repo, revision):
-                return Path(hf_hub_download(repo, name, revision=revision))
-        except _Missing:
-            return None
-        except _NotCached as error:
-            offline_misses.append(error)
-            return None
+    def fetch(names: list[str]) -> list[str]:
+        """Download `names` into `folder`; return those that are still not there."""
+        if any(in_repo(name) for name in names):
+            _snapshot(repo, commit, revision, names)
+        return [name for name in names if not (folder / name).is_file()]
 
-    config = fetch(CONFIG)
-    if config is None:
-        if offline_misses:
-            raise offline_misses[0]
+    if not (folder / CONFIG).is_file():
+        if listing is None and _offline():
+            raise _not_cached(repo)
         raise HubquantError(f"{repo} has no config.json; it is not a transformers checkpoint")
-    for name in OPTIONAL_FILES + (SLOW_TOKENIZER_FILES if weights == "any" else ()):
-        fetch(name)
     kinds = [(SAFETENSORS_INDEX, SAFETENSORS)] + ([(BIN_INDEX, BIN)] if weights == "any" else [])
     for index_name, single in kinds:
-        index = fetch(index_name)
-        if index is not None:
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                if fetch(shard) is None:
-                    if offline_misses:
-                        raise offline_misses[0]
-                    raise HubquantError(
-                        f"{repo}: shard {shard} listed in {index_name} is missing from the repo"
-                    )
-            return config.parent
-        if fetch(single) is not None:
-            return config.parent
-    if offline_misses:
-        raise offline_misses[0]
-    if weights != "any" and (_exists(repo, BIN_INDEX, revision) or _exists(repo, BIN, revision)):
+        if index_name != SAFETENSORS_INDEX and in_repo(index_name):
+            fetch([index_name])  # the safetensors index came with the small files
+        if (folder / index_name).is_file():
+            shards = index_shards(folder / index_name, f"{index_name} of {repo}")
+            unlisted = [shard for shard in shards if not in_repo(shard)]
+            missing = unlisted or fetch(shards)
+            if missing:
+                if not unlisted and listing is None and _offline():
+                    raise _not_cached(repo)
+                raise HubquantError(
+                    f"{repo}: shard {missing[0]} listed in {index_name} is missing from the repo; "
+                    "its index and files disagree: try another --revision"
+                )
+            return folder
+        if in_repo(single) and not fetch([single]):
+            return folder
+    if listing is None and _offline():
+        raise _not_cached(repo)
+    if weights != "any" and listing is not None and any(_is_pickle(name) for name in listing):
         raise HubquantError(
             f"{repo} has only pickle weights (pytorch_model*.bin); run `hubquant convert {repo} --out DIR` and load DIR"
         )
     raise HubquantError(f"{repo} has no model.safetensors or model.safetensors.index.json to load")
 
 
-def _exists(repo: str, name: str, revision: str | None) -> bool:
-    """Whether the repo has `name`, asked without downloading it (False when offline)."""
-    from huggingface_hub import file_exists
+def _is_pickle(name: str) -> bool:
+    return name.startswith("pytorch_model") and name.endswith((".bin", ".bin.index.json"))
 
+
+def _snapshot(repo: str, revision: str | None, asked: str | None, names: list[str]) -> Path:
+    """`snapshot_download` of exactly `names` (they are escaped: a name is never a pattern).
+
+    Args:
+        repo: the Hub repo id.
+        revision: what to download from: the user's revision, then the commit it resolved to.
+        asked: the user's revision, for messages.
+        names: file names in the repo.
+    """
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(repo, asked):
+        return Path(
+            snapshot_download(
+                repo,
+                revision=revision,
+                allow_patterns=[glob.escape(name) for name in names],
+                max_workers=MAX_WORKERS,
+            )
+        )
+
+
+def _listing(repo: str, commit: str | None) -> set[str] | None:
+    """The repo's files at `commit`, from the listing `snapshot_download` cached (no request).
+
+    None when there is none: a cache filled by another tool, or a huggingface_hub without the
+    listing cache. Callers then go by the files on disk, which only loses some precision in
+    messages (a missing file reads as not cached, or as absent).
+    """
     try:
-        return file_exists(repo, name, revision=revision)
-    except Exception:
-        return False
+        from huggingface_hub import get_cached_repo_tree
+    except ImportError:
+        return None
+    try:
+        return {file.path for file in get_cached_repo_tree(repo, revision=commit)}
+    except Exception:  # no listing cached for this commit: the same as having none
+        return None
 
 
-class _Missing(HubquantError):
-    """A file the repo does not have (optional files are skipped on this)."""
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
-class _NotCached(HubquantError):
-    """Offline (or unreachable Hub) and the file is not in the cache."""
+def _not_cached(repo: str) -> HubquantError:
+    return HubquantError(
+        f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached "
+        "(HF_HUB_OFFLINE is set or no network); download it once online, or pass a local folder"
+    )
 
 
 class _hub_errors:
@@ -148,14 +229,9 @@ class _hub_errors:
             ) from error
         if isinstance(error, errors.RevisionNotFoundError):
             raise HubquantError(f"revision '{rev}' not found in {repo}; check --revision") from error
-        # Offline misses subclass EntryNotFoundError: test them first.
+        # Offline misses (and incomplete cached snapshots) subclass EntryNotFoundError: first.
         if isinstance(error, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-            raise _NotCached(
-                f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached "
-                "(HF_HUB_OFFLINE is set or no network); download it once online, or pass a local folder"
-            ) from error
-        if isinstance(error, errors.EntryNotFoundError):
-            raise _Missing(f"{repo}@{rev} has no such file") from error
+            raise _not_cached(repo) from error
         if isinstance(error, errors.HfHubHTTPError):
             raise HubquantError(f"Hub request for {repo} failed: {str(error).splitlines()[0]}") from error
         return False

@@ -148,6 +148,94 @@ def test_cli_prints_one_line_and_exits_nonzero(ckpt, capsys):
         main(["--debug", "generate", str(ckpt)])
 
 
+# --- arguments: dtype, device, head counts, perplexity windows, the KV cache ---------------------
+
+
+def test_load_takes_dtype_names_like_convert(ckpt):
+    for name, expected in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("float32", torch.float32)]:
+        model, _ = hubquant.load(ckpt, dtype=name, progress=False)
+        assert model.dtype == expected and model.embed.weight.dtype == expected
+    model, _ = hubquant.load(ckpt, dtype=torch.float16, device=torch.device("cpu"), progress=False)
+    assert model.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp64", torch.int8, torch.float64, None])
+def test_bad_dtype_names_the_value_and_the_accepted_ones(dtype):
+    # A Hub id that is never contacted: the dtype is checked before anything is downloaded.
+    message = load_error_with("org/not-contacted", dtype=dtype)
+    assert str(dtype).removeprefix("torch.") in message and "bf16, fp16, fp32" in message
+
+
+def test_bad_device_is_one_line():
+    message = load_error_with("org/not-contacted", device="xyz")
+    assert message == "device 'xyz' is not valid; use cpu, cuda, cuda:N"
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in load_error_with("org/not-contacted", device="cuda:0")
+
+
+def test_cli_dtype_choices_are_the_dtype_rule(capsys):
+    from hubquant.models.config import DTYPE_NAMES, torch_dtype
+
+    assert [torch_dtype(name) for name in DTYPE_NAMES] == [torch.bfloat16, torch.float16, torch.float32]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "x", "--dtype", "fp64"])
+    assert exit_info.value.code == 2
+    assert "choose from 'bf16', 'fp16', 'fp32'" in capsys.readouterr().err.replace('"', "'")
+
+
+def load_error_with(source: Path | str, **kwargs) -> str:
+    with pytest.raises(HubquantError) as info:
+        hubquant.load(source, progress=False, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_heads_that_do_not_divide_name_the_config_keys(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_key_value_heads"] = 3  # 4 query heads cannot be grouped over 3
+    (ckpt / "config.json").write_text(json.dumps(config))
+    message = load_error(ckpt)
+    assert "num_attention_heads (4)" in message and "num_key_value_heads (3)" in message
+
+
+def test_odd_rotary_dims_name_the_config_keys():
+    from hubquant.models.config import ModelConfig
+
+    sizes = dict(vocab_size=8, hidden_size=24, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=2)
+    with pytest.raises(HubquantError) as info:
+        ModelConfig(**sizes, head_dim=12, rotary_fraction=0.25)  # 3 dims: RoPE rotates pairs
+    message = str(info.value)
+    assert "\n" not in message and "3" in message
+    assert "head_dim" in message and "partial_rotary_factor" in message
+    with pytest.raises(HubquantError, match="num_key_value_heads=0"):
+        ModelConfig(**{**sizes, "num_kv_heads": 0}, head_dim=12)
+
+
+@pytest.mark.parametrize(
+    ("window", "stride", "expected"),
+    [(8, 0, "stride is 0"), (8, 9, "stride is 9"), (8, -1, "stride is -1"), (1, 1, "window is 1")],
+)
+def test_bad_perplexity_window_or_stride(window, stride, expected):
+    from hubquant.evaluate import perplexity
+
+    with pytest.raises(HubquantError) as info:
+        perplexity(torch.nn.Linear(1, 1), torch.arange(32), window=window, stride=stride, progress=False)
+    message = str(info.value)
+    assert expected in message and "\n" not in message and ("--stride" in message or "--window" in message)
+
+
+def test_kv_cache_overflow_says_how_long_the_cache_must_be(ckpt):
+    model, _ = hubquant.load(ckpt, dtype="fp32", progress=False)
+    cache = hubquant.KVCache(model.config, 1, 4, model.dtype, "cpu")
+    model(torch.tensor([[3, 4, 5]]), cache=cache)
+    with pytest.raises(HubquantError) as info:
+        model(torch.tensor([[6, 7]]), cache=cache)
+    message = str(info.value)
+    assert "holds 4 tokens" in message and "needs 5" in message and "max_new_tokens" in message
+    assert "\n" not in message
+
+
 # --- the Hub, served by a local stand-in ------------------------------------------------------
 
 
@@ -228,3 +316,75 @@ def test_hub_errors_are_one_line_with_the_fix(hub, tmp_path):
     pickles = one_error_line(run_cli(["generate", "org/pickles"], hub, home))
     assert "hubquant convert org/pickles" in pickles
     assert "pytorch_model.bin" not in hub.fetched("org/pickles")
+
+
+def test_hub_revision_not_found_is_one_line(hub, tmp_path):
+    hub.known_revisions = {"main"}
+    line = one_error_line(run_cli(["generate", "org/tiny", "--revision", "nope"], hub, tmp_path / "home"))
+    assert "revision 'nope' not found in org/tiny" in line and "--revision" in line
+    assert not hub.fetched("org/tiny")
+
+
+def test_hub_repo_with_extra_files_downloads_only_the_needed_ones(hub, tmp_path):
+    repo = hub.repos["org/tiny"]
+    (repo / "README.md").write_text("# tiny\n")
+    (repo / "unrelated.txt").write_text("not part of the checkpoint")
+    (repo / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "pytorch_model.bin"}}))
+    (repo / "onnx").mkdir()
+    (repo / "onnx" / "config.json").write_text("{}")  # same name as a needed file, in a subfolder
+    (repo / "onnx" / "model.onnx").write_bytes(b"onnx")
+    args = ["generate", "org/tiny", "--prompt", "hello", "--max-new-tokens", "2", "--dtype", "fp32"]
+    result = run_cli(args, hub, tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    shards = set(index_of(repo)["weight_map"].values())
+    wanted = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert hub.fetched("org/tiny") == wanted | shards | {"model.safetensors.index.json"}
+    gets = [f for m, r, f in hub.requests if m == "GET" and r == "org/tiny"]
+    assert len(gets) == len(set(gets))  # each file once
+    # The converter's mode: safetensors still win over the pickles beside them.
+    converted = run_cli(["convert", "org/tiny", "--out", str(tmp_path / "out")], hub, tmp_path / "home")
+    assert converted.returncode == 0, converted.stderr
+    assert not {f for f in hub.fetched("org/tiny") if f.endswith(".bin") or "onnx" in f or "README" in f}
+
+
+def test_hub_pickle_repo_is_fetched_for_convert(hub, ckpt, tmp_path):
+    tensors = {}
+    for shard in set(index_of(ckpt)["weight_map"].values()):
+        tensors.update(load_file(ckpt / shard))
+    pickles = tmp_path / "bins"
+    pickles.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(ckpt / name, pickles / name)
+    torch.save(tensors, pickles / "pytorch_model.bin")
+    (pickles / "README.md").write_text("# pickles\n")
+    hub.repos["org/bins"] = pickles
+    result = run_cli(["convert", "org/bins", "--out", str(tmp_path / "out")], hub, tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    assert hub.fetched("org/bins") == {"config.json", "generation_config.json", "pytorch_model.bin"}
+    model, _ = hubquant.load(tmp_path / "out", dtype="fp32", progress=False)
+    assert model.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("index", "expected"),
+    [
+        ("{not json", "is not valid JSON"),
+        (json.dumps({"metadata": {"total_size": 1}}), "has no weight_map"),
+        (json.dumps({"weight_map": {"lm_head.weight": "../../escape.safetensors"}}), "not a shard file name"),
+    ],
+    ids=["not-json", "no-weight-map", "path-outside"],
+)
+def test_hub_malformed_index_is_one_line(hub, tmp_path, index, expected):
+    (hub.repos["org/tiny"] / "model.safetensors.index.json").write_text(index)
+    line = one_error_line(run_cli(["generate", "org/tiny"], hub, tmp_path / "home"))
+    assert "model.safetensors.index.json of org/tiny" in line and expected in line
+    assert not {f for f in hub.fetched("org/tiny") if f.endswith(".safetensors")}
+
+
+def test_hub_shard_listed_but_missing_is_one_line(hub, tmp_path):
+    repo = hub.repos["org/tiny"]
+    shards = sorted(set(index_of(repo)["weight_map"].values()))
+    (repo / shards[-1]).unlink()
+    line = one_error_line(run_cli(["generate", "org/tiny"], hub, tmp_path / "home"))
+    assert f"shard {shards[-1]} listed in model.safetensors.index.json is missing" in line
+    assert not {f for f in hub.fetched("org/tiny") if f.endswith(".safetensors")}

@@ -18,7 +18,7 @@ from torch import nn
 from hubquant.errors import HubquantError
 
 from .families import Family
-from .hub import BIN, BIN_INDEX, CONFIG, SAFETENSORS, SAFETENSORS_INDEX
+from .hub import BIN, BIN_INDEX, CONFIG, SAFETENSORS, SAFETENSORS_INDEX, read_weight_map
 from .safetensors_file import SafetensorsFile
 
 
@@ -46,11 +46,8 @@ def read_index(index_path: Path) -> dict[str, list[str]]:
     Args:
         index_path: `model.safetensors.index.json` or `pytorch_model.bin.index.json`.
     """
-    weight_map = read_json(index_path, index_path.name).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise HubquantError(f"{index_path} has no weight_map; re-download the checkpoint")
     shards: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
+    for name, shard in read_weight_map(index_path).items():
         shards.setdefault(shard, []).append(name)
     for shard in shards:
         if not (index_path.parent / shard).is_file():

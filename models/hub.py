@@ -69,10 +69,11 @@ def resolve(
     return _download(str(source), revision, weights)
 
 
-def index_shards(index_path: Path, where: str | None = None) -> list[str]:
-    """The shard file names a `*.index.json` lists, checked: valid JSON, a non-empty weight_map of
-    tensor name -> relative file name. Whether the shards exist is the caller's business (on the
-    Hub they are not downloaded yet).
+def read_weight_map(index_path: Path, where: str | None = None) -> dict[str, str]:
+    """The tensor name -> shard file map of a `*.index.json`, checked: valid JSON, a non-empty
+    weight_map, every shard a relative file name inside the folder. The one index rule: loading,
+    downloading and converting all read indexes through it. Whether the shards exist is the
+    caller's business (on the Hub they are not downloaded yet).
 
     Args:
         index_path: `model.safetensors.index.json` or `pytorch_model.bin.index.json`.
@@ -85,6 +86,8 @@ def index_shards(index_path: Path, where: str | None = None) -> list[str]:
     fix = "re-download the checkpoint, or fix or remove the index"
     try:
         data = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        raise HubquantError(f"{where} not found; re-download the checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise HubquantError(f"{where} is not valid JSON ({error}); {fix}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -95,7 +98,12 @@ def index_shards(index_path: Path, where: str | None = None) -> list[str]:
         parts = PurePosixPath(shard).parts if isinstance(shard, str) else ()
         if not parts or parts[0] == "/" or ".." in parts or "\\" in shard:
             raise HubquantError(f"{where} maps {tensor} to {shard!r}, not a shard file name; {fix}")
-    return sorted(set(weight_map.values()))
+    return weight_map
+
+
+def index_shards(index_path: Path, where: str | None = None) -> list[str]:
+    """The shard file names a `*.index.json` lists (see `read_weight_map`)."""
+    return sorted(set(read_weight_map(index_path, where).values()))
 
 
 def _download(repo: str, revision: str | None, weights: str) -> Path:

@@ -1,4 +1,8 @@
-"""Token generation with the preallocated KV cache: greedy or sampled, stopping at eos."""
+"""Token generation with the preallocated KV cache: greedy or sampled, stopping at eos.
+
+Sampling filters the logits exactly as transformers' `generate` does with `do_sample=True`:
+temperature, then top-k, then top-p, on fp32 logits (`filter_logits`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,60 @@ from collections.abc import Sequence
 
 import torch
 
+from hubquant.errors import HubquantError
+
 from .decoder import Decoder, KVCache
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """The logits that sampling draws from: scaled, with `-inf` wherever top-k or top-p filters.
+
+    The same operations, in the same order and precision, as transformers' `TemperatureLogitsWarper`,
+    `TopKLogitsWarper` and `TopPLogitsWarper` (with `min_tokens_to_keep=1`), so the kept set and
+    the kept values are identical to theirs, ties and the threshold included:
+
+    - top-k keeps every token whose logit is at least the k-th largest (ties at the k-th all stay);
+    - top-p sorts ascending, and drops a token when the probability mass up to and including it is
+      at most `1 - top_p`; the most probable token always stays.
+
+    Args:
+        logits: `[..., vocab]` logits of any floating dtype; computed in fp32.
+        temperature: divides the logits (> 0; 1.0 leaves them as they are).
+        top_k: keep the k most likely tokens; None or 0 disables it; k >= vocab keeps all.
+        top_p: keep the smallest set of most likely tokens whose probability reaches `top_p`
+            (0..1); None or 1.0 disables it.
+
+    Returns:
+        fp32 logits, `-inf` where filtered.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    scores = logits.float()
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ascending, order = scores.sort(dim=-1, descending=False)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1:] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature > 0:
+        raise HubquantError(f"temperature ({temperature}) must be > 0; for greedy decoding, do not sample")
+    if top_k is not None and top_k < 0:
+        raise HubquantError(f"top_k ({top_k}) must be >= 0 (0 or None: no top-k filtering)")
+    if top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise HubquantError(f"top_p ({top_p}) must be in 0..1 (1.0 or None: no top-p filtering)")
 
 
 def _pick(
@@ -19,17 +76,8 @@ def _pick(
 ) -> torch.Tensor:
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / max(temperature, 1e-5)
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token once the mass before it already reaches top_p (the first always stays).
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    scores = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 @torch.inference_mode()
@@ -54,14 +102,20 @@ def generate(
         input_ids: prompts, left-padded when of different lengths.
         attention_mask: 1 for real tokens, 0 for padding.
         max_new_tokens: the most tokens added per row.
-        do_sample: sample (with `temperature`, `top_k`, `top_p`) instead of greedy argmax.
+        do_sample: sample instead of greedy argmax, from the logits `filter_logits` leaves.
+        temperature: sampling temperature (> 0).
+        top_k: sample from the k most likely tokens only (None or 0: all).
+        top_p: sample from the smallest set of likely tokens whose probability reaches it (None: all).
         eos_ids: stop ids (default: the model config's); a row that produced one is finished
-            and padded with `pad_id` (default: its first eos id) until all rows finish.
+            and padded with `pad_id` until all rows finish.
+        pad_id: the id finished rows are padded with (default: the first eos id, else 0).
         generator: random generator for reproducible sampling.
 
     Returns:
         `[batch, seq + n]` token ids, prompts included.
     """
+    if do_sample:
+        _check_sampling(temperature, top_k, top_p)  # before any forward pass
     eos = list(model.config.eos_token_ids if eos_ids is None else eos_ids)
     pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
     batch, seq = input_ids.shape

@@ -7,18 +7,21 @@ from pathlib import Path
 
 import torch
 
+from hubquant.errors import HubquantError
+
 from .checkpoint import load_weights, read_config, read_json, shard_files
+from .config import torch_dtype
 from .decoder import Decoder
 from .families import family_for
 from .hub import resolve
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, eos_token_ids
 
 
 def load(
     source: str | Path,
     *,
     revision: str | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: str | torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> tuple[Decoder, Tokenizer | None]:
@@ -27,14 +30,21 @@ def load(
     Args:
         source: a Hub repo id ("HuggingFaceTB/SmolLM2-135M") or a local Hub-layout folder.
         revision: Hub branch, tag or commit.
-        dtype: parameter dtype; tensors are cast one by one as they stream in.
-        device: where the model lives.
+        dtype: parameter dtype, "bf16" / "fp16" / "fp32" (or "bfloat16"...) or a torch dtype,
+            as `hubquant.convert.convert` takes it; tensors are cast one by one as they stream in.
+        device: where the model lives: "cpu", "cuda", "cuda:N" or a torch.device.
         progress: show a progress bar while loading.
 
     Returns:
         `(model, tokenizer)`, the model in eval mode; tokenizer is None when the checkpoint ships
         no tokenizer.json.
+
+    Raises:
+        HubquantError: for a bad dtype or device (before anything is downloaded), and for any
+            checkpoint that cannot be loaded, with the fix.
     """
+    dtype = torch_dtype(dtype)
+    device = torch_device(device)
     folder = resolve(source, revision)
     hf_config = read_config(folder)
     shards = shard_files(folder)  # refuse pickle-only or weightless folders before anything else
@@ -42,10 +52,16 @@ def load(
     gen_path = folder / "generation_config.json"
     gen_config = read_json(gen_path, "generation_config.json") if gen_path.is_file() else {}
     cfg = family.config(hf_config)
-    gen_eos = gen_config.get("eos_token_id")
-    if gen_eos is not None:
-        extra = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
-        cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys([*extra, *cfg.eos_token_ids])))
+    # The stop set has one rule (tokenizer.eos_token_ids), so generate's default is the tokenizer's.
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_folder(folder, family.with_defaults(hf_config), gen_config)
+    eos = (
+        tokenizer.eos_ids
+        if tokenizer is not None
+        else eos_token_ids(family.with_defaults(hf_config), gen_config, {}, None)
+    )
+    cfg = dataclasses.replace(cfg, eos_token_ids=eos)
 
     with torch.device("meta"):
         model = Decoder(cfg)
@@ -60,7 +76,30 @@ def load(
         shards=shards,
     )
     model.eval()
-    tokenizer = None
-    if (folder / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_folder(folder, hf_config, gen_config)
     return model, tokenizer
+
+
+def torch_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device, checked before any work: a CUDA device must exist here.
+
+    Args:
+        device: "cpu", "cuda", "cuda:N" or a torch.device.
+
+    Raises:
+        HubquantError: the device string is malformed, or names a GPU this machine lacks.
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise HubquantError(f"device {device!r} is not valid; use cpu, cuda, cuda:N") from None
+    if resolved.type == "cuda":
+        # torch accepts "cuda:7" on any machine; the failure would only come at the first tensor.
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise HubquantError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here; use cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise HubquantError(
+                f"device {str(device)!r} asked for, but torch sees {count} CUDA GPU(s) "
+                f"(cuda:0..cuda:{count - 1}); pick one of those"
+            )
+    return resolved

@@ -1,19 +1,32 @@
 """A tokenizer from the checkpoint's own `tokenizer.json`, with its special-token settings.
 
-bos/eos/pad come from `tokenizer_config.json` (token strings) with `config.json` /
-`generation_config.json` ids as fallback. Whether bos is prepended: `add_bos_token` in
-`tokenizer_config.json` when it is set, otherwise whatever `tokenizer.json`'s post-processor does.
+It behaves as transformers 5's `AutoTokenizer` does with the same folder:
+
+- `tokenizer.json` decides what `encode(..., add_special_tokens=True)` adds: its post-processor.
+  Like transformers, `add_bos_token` / `add_eos_token` in `tokenizer_config.json` are not read
+  when `tokenizer.json` exists (and hubquant always needs it). Truncation and padding stored in
+  `tokenizer.json` are switched off, as transformers' `encode` does.
+- bos/eos/pad are the token strings `tokenizer_config.json` names (merged with
+  `special_tokens_map.json` when the config has no `added_tokens_decoder`, transformers' legacy
+  rule), with `generation_config.json` / `config.json` ids as fallback.
+- `decode` applies `clean_up_tokenization_spaces` when the config asks for it, except for BPE
+  models, where transformers skips it too.
+
+The stop set is one rule, `eos_token_ids`, shared with `load()`, so `model.generate`'s default
+stop ids and `tokenizer.eos_ids` are always the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hubquant.errors import HubquantError
+
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 
 
 def _token_text(value: Any) -> str | None:
@@ -22,12 +35,68 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _ids(value: Any) -> list[int]:
+    """An `eos_token_id`-style field (an int, a list of ints, or null) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value if v is not None] if isinstance(value, list) else [int(value)]
+
+
+def eos_token_ids(
+    model_config: dict[str, Any],
+    generation_config: dict[str, Any],
+    tokenizer_config: dict[str, Any],
+    token_to_id: Callable[[str], int | None] | None,
+) -> tuple[int, ...]:
+    """The stop set: every id any of the checkpoint's files calls end-of-sequence.
+
+    In this order, without duplicates: `generation_config.json`'s `eos_token_id` (what
+    transformers' `generate` stops on), the id of `tokenizer_config.json`'s `eos_token` (what a
+    chat template ends a turn with), then `config.json`'s `eos_token_id`.
+
+    Args:
+        model_config: config.json.
+        generation_config: generation_config.json ({} when absent).
+        tokenizer_config: tokenizer_config.json, special tokens merged ({} when absent).
+        token_to_id: the tokenizer's token-to-id lookup (None: no tokenizer, the eos_token is skipped).
+    """
+    text = _token_text(tokenizer_config.get("eos_token"))
+    from_tokenizer = token_to_id(text) if text is not None and token_to_id is not None else None
+    ids = [
+        *_ids(generation_config.get("eos_token_id")),
+        *_ids(from_tokenizer),
+        *_ids(model_config.get("eos_token_id")),
+    ]
+    return tuple(dict.fromkeys(ids))
+
+
+def read_tokenizer_config(folder: Path) -> dict[str, Any]:
+    """`tokenizer_config.json` ({} when absent), with `special_tokens_map.json`'s tokens merged in
+    as transformers does: only when the config has no `added_tokens_decoder`, and then they win.
+
+    Args:
+        folder: the checkpoint folder.
+    """
+    from .checkpoint import read_json
+
+    path = folder / "tokenizer_config.json"
+    config = read_json(path, "tokenizer_config.json") if path.is_file() else {}
+    special_map = folder / "special_tokens_map.json"
+    if "added_tokens_decoder" not in config and special_map.is_file():
+        tokens = read_json(special_map, "special_tokens_map.json")
+        config.update(
+            {f"{role}_token": tokens[f"{role}_token"] for role in SPECIAL_ROLES if f"{role}_token" in tokens}
+        )
+    return config
+
+
 class Tokenizer:
     """Encode/decode with the checkpoint's special-token conventions.
 
     Attributes:
         bos_id, eos_ids, pad_id: special ids (eos may be several: generation stops on any).
-        add_bos / add_eos: whether `encode(..., add_special_tokens=True)` adds them.
+        add_bos / add_eos: whether `encode(..., add_special_tokens=True)` adds them (as the
+            post-processor of `tokenizer.json` does).
         chat_template: the checkpoint's Jinja chat template, if any.
     """
 
@@ -38,27 +107,42 @@ class Tokenizer:
         bos_id: int | None,
         eos_ids: Sequence[int],
         pad_id: int | None,
-        add_bos: bool,
-        add_eos: bool = False,
         chat_template: str | None = None,
+        clean_up_spaces: bool = False,
     ) -> None:
+        """
+        Args:
+            backend: a `tokenizers.Tokenizer`; its stored truncation and padding are switched off.
+            bos_id, eos_ids, pad_id: the special ids.
+            chat_template: the Jinja chat template, if any.
+            clean_up_spaces: `decode` removes spaces before punctuation and contractions
+                (transformers' `clean_up_tokenization`).
+        """
         self.backend = backend
+        backend.no_truncation()
+        backend.no_padding()
         self.bos_id, self.eos_ids, self.pad_id = bos_id, tuple(eos_ids), pad_id
-        self.add_bos, self.add_eos = add_bos, add_eos
         self.chat_template = chat_template
+        self.clean_up_spaces = clean_up_spaces
         probe = backend.encode("a", add_special_tokens=True).ids
         plain = backend.encode("a", add_special_tokens=False).ids
-        # What the post-processor itself adds, so we neither double nor drop bos/eos.
-        self._post_bos = bos_id is not None and len(probe) > len(plain) and probe[0] == bos_id
-        self._post_eos = len(probe) > len(plain) and probe[-1] in self.eos_ids
+        added = len(probe) > len(plain)
+        self.add_bos = added and bos_id is not None and probe[0] == bos_id
+        self.add_eos = added and probe[-1] in self.eos_ids
 
     @classmethod
     def from_folder(
         cls, folder: Path, model_config: dict[str, Any], generation_config: dict[str, Any]
     ) -> Tokenizer:
-        from tokenizers import Tokenizer as Backend
+        """The tokenizer of a Hub-layout folder.
 
-        from .checkpoint import read_json
+        Args:
+            folder: holds tokenizer.json, and optionally tokenizer_config.json,
+                special_tokens_map.json, chat_template.jinja.
+            model_config: config.json (fallback special ids).
+            generation_config: generation_config.json, {} when absent (fallback special ids).
+        """
+        from tokenizers import Tokenizer as Backend
 
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -69,68 +153,66 @@ class Tokenizer:
             backend = Backend.from_file(str(path))
         except Exception as error:
             raise HubquantError(f"{path} cannot be read by tokenizers ({error}); re-download it") from None
-        tk_config = (
-            read_json(folder / "tokenizer_config.json", "")
-            if (folder / "tokenizer_config.json").is_file()
-            else {}
-        )
+        tk_config = read_tokenizer_config(folder)
 
-        def special(name: str, fallback: Any) -> int | None:
-            text = _token_text(tk_config.get(f"{name}_token"))
+        def special(role: str, key: str) -> int | None:
+            text = _token_text(tk_config.get(f"{role}_token"))
             token_id = backend.token_to_id(text) if text else None
-            if token_id is None and isinstance(fallback, list):
-                fallback = fallback[0] if fallback else None
-            return token_id if token_id is not None else fallback
+            if token_id is not None:
+                return token_id
+            fallback = _ids(generation_config.get(key, model_config.get(key)))
+            return fallback[0] if fallback else None
 
-        eos_ids: list[int] = []
-        for source in (
-            generation_config.get("eos_token_id"),
-            special("eos", None),
-            model_config.get("eos_token_id"),
-        ):
-            for token_id in source if isinstance(source, list) else [source]:
-                if token_id is not None and token_id not in eos_ids:
-                    eos_ids.append(int(token_id))
-        bos_id = special("bos", generation_config.get("bos_token_id", model_config.get("bos_token_id")))
-        tokenizer = cls(
+        clean_up = bool(tk_config.get("clean_up_tokenization_spaces", False))
+        if type(backend.model).__name__ == "BPE":  # transformers skips the clean-up for BPE
+            clean_up = clean_up and bool(
+                tk_config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+            )
+        return cls(
             backend,
-            bos_id=bos_id,
-            eos_ids=eos_ids,
-            pad_id=special("pad", generation_config.get("pad_token_id", model_config.get("pad_token_id"))),
-            add_bos=False,
-            chat_template=tk_config.get("chat_template") or _read_optional(folder / "chat_template.jinja"),
+            bos_id=special("bos", "bos_token_id"),
+            eos_ids=eos_token_ids(model_config, generation_config, tk_config, backend.token_to_id),
+            pad_id=special("pad", "pad_token_id"),
+            # as in transformers, a chat_template.jinja file wins over the config's entry
+            chat_template=_read_optional(folder / "chat_template.jinja") or tk_config.get("chat_template"),
+            clean_up_spaces=clean_up,
         )
-        tokenizer.add_bos = bool(tk_config.get("add_bos_token", tokenizer._post_bos)) and bos_id is not None
-        tokenizer.add_eos = bool(tk_config.get("add_eos_token", tokenizer._post_eos)) and bool(eos_ids)
-        return tokenizer
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        if not add_special_tokens:
-            return ids
-        if self._post_bos and not self.add_bos:
-            ids = ids[1:]
-        elif self.add_bos and not self._post_bos:
-            ids = [self.bos_id, *ids]
-        if self._post_eos and not self.add_eos:
-            ids = ids[:-1]
-        elif self.add_eos and not self._post_eos:
-            ids = [*ids, self.eos_ids[0]]
-        return ids
+        """Token ids of `text`.
+
+        Args:
+            text: the text.
+            add_special_tokens: add what the tokenizer's post-processor adds (bos, eos...).
+        """
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """The text of `ids`.
+
+        Args:
+            ids: token ids (a list or a 1-D tensor).
+            skip_special_tokens: leave special tokens (bos, eos, pad...) out of the text.
+        """
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_spaces(text) if self.clean_up_spaces else text
 
     def batch(
         self, texts: Sequence[str], add_special_tokens: bool = True, padding_side: str = "left"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded `(input_ids, attention_mask)` for several texts (left padding for generation)."""
+        """Padded `(input_ids, attention_mask)` for several texts (left padding for generation).
+
+        Args:
+            texts: the texts.
+            add_special_tokens: as in `encode`.
+            padding_side: "left" (for generation) or "right".
+        """
         rows = [self.encode(t, add_special_tokens) for t in texts]
         width = max(len(r) for r in rows)
         pad = self.pad_id if self.pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
@@ -141,6 +223,27 @@ class Tokenizer:
             ids[i, span] = torch.tensor(row, dtype=torch.long)
             mask[i, span] = 1
         return ids, mask
+
+
+# transformers' `clean_up_tokenization`, in its order.
+_CLEAN_UP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
+
+
+def _clean_up_spaces(text: str) -> str:
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
 
 
 def _read_optional(path: Path) -> str | None:

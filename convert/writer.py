@@ -333,6 +333,9 @@ def _staging(out: Path, force: bool) -> Iterator[Path]:
         raise
 
 
+staging = _staging  # the public name: quantize writes its folders the same way
+
+
 def _os_error_message(out: Path, error: OSError) -> str:
     where = f" ({error.filename})" if error.filename else ""
     fix = "free disk space or choose another --out"

@@ -7,6 +7,7 @@ do not import torch: only `HubquantError` and `__version__` are defined eagerly.
 from __future__ import annotations
 
 import importlib
+import sys
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
     from hubquant.models.generate import generate
     from hubquant.models.loading import load
     from hubquant.models.tokenizer import Tokenizer
+    from hubquant import quantize
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,8 @@ _LAZY: dict[str, str] = {
 }
 
 # Subpackages reachable as attributes (`hubquant.models.load`) without importing them up front.
+# `hubquant.quantize` is the subpackage, and it is callable: `hubquant.quantize(model, "int4")`
+# runs `hubquant.quantize.core.quantize` (see quantize/__init__.py).
 _SUBMODULES = frozenset({"cli", "convert", "errors", "evaluate", "models", "quantize", "reports"})
 
 __all__ = [
@@ -45,6 +49,7 @@ __all__ = [
     "__version__",
     "generate",
     "load",
+    "quantize",
 ]
 
 
@@ -86,3 +91,8 @@ class _LazyPackage(types.ModuleType):
         if isinstance(value, types.ModuleType) and name in self.__dict__.get("_LAZY", ()):
             return
         super().__setattr__(name, value)
+
+
+# `import hubquant.quantize.core` must not replace `hubquant.quantize` (the function) with the
+# subpackage of the same name.
+sys.modules[__name__].__class__ = _LazyPackage

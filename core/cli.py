@@ -64,6 +64,49 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
+# The quantization methods, named here rather than imported: importing hubquant.quantize's
+# registry would import torch, and `--help` must answer without it.
+QUANT_METHODS = ("int4", "nf4", "int8", "fp8")
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from hubquant.quantize.card import report_summary
+
+    if args.force and not args.out:
+        raise HubquantError("--force replaces an existing --out folder; it needs --out")
+    options = dict(group_size=args.group_size, hqq=args.hqq, include_head=args.include_head)
+    if args.out:
+        from hubquant.quantize.core import quantize_checkpoint
+
+        out, report = quantize_checkpoint(
+            args.model,
+            args.out,
+            args.method,
+            dtype=args.dtype,
+            revision=args.revision,
+            force=args.force,
+            **options,
+        )
+        print(report_summary(report))
+        print(f"wrote {out}")
+        return
+    from hubquant.models import load
+    from hubquant.quantize.core import quantize
+
+    model, _ = load(args.model, revision=args.revision, dtype=args.dtype, device="cpu")
+    report = quantize(model, args.method, **options)
+    print(report_summary(report))
+    print("nothing written: add --out DIR to save the quantized model")
+
+
+def _cmd_push(args: argparse.Namespace) -> None:
+    from hubquant.quantize.push import push
+
+    url = push(args.folder, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"pushed {args.folder} to {args.repo_id}: {url}")
+
+
 def _device_defaults(device: str | None) -> tuple[str, str]:
     """The device to run on and its natural dtype: bf16 on a GPU; fp32 on a CPU, where bf16
     matrix products are slower and only approximate the checkpoint's own precision."""
@@ -74,7 +117,7 @@ def _device_defaults(device: str | None) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: `generate`, `convert` and `eval`, each with its options."""
+    """The command line: `generate`, `convert`, `eval`, `quantize` and `push`, each with its options."""
     parser = argparse.ArgumentParser(prog="hubquant", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -105,6 +148,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=4096, help="text tokens to score")
     ev.set_defaults(func=_cmd_eval)
 
+    quant = sub.add_parser("quantize", help="quantize a checkpoint (int4, nf4, int8, fp8)")
+    quant.add_argument("model", help="Hub repo id or local checkpoint folder")
+    quant.add_argument("--method", required=True, choices=QUANT_METHODS, help="quantization method")
+    quant.add_argument(
+        "--group-size", type=int, default=None, help="int4: values per scale (default 128, else 64 or 32)"
+    )
+    quant.add_argument("--hqq", action="store_true", help="int4: choose scales with HQQ's parameter search")
+    quant.add_argument("--include-head", action="store_true", help="also quantize the output head")
+    quant.add_argument(
+        "--out",
+        default=None,
+        help="write the quantized folder here; without it, quantize in memory and report",
+    )
+    quant.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    quant.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    quant.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="dtype of what stays unquantized (default bf16)",
+    )
+    quant.set_defaults(func=_cmd_quantize)
+
+    up = sub.add_parser("push", help="upload a quantized folder to the Hub in one commit")
+    up.add_argument("folder", help="the folder `hubquant quantize --out` wrote")
+    up.add_argument("--repo-id", required=True, help="ORG/NAME; created if missing")
+    up.add_argument("--private", action="store_true", help="create the repo private")
+    up.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
+    up.add_argument("--dry-run", action="store_true", help="print the files and the card; contact nothing")
+    up.set_defaults(func=_cmd_push)
+
     for p in (gen, conv, ev):
         p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
         p.add_argument(
@@ -121,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _fill_defaults(args: argparse.Namespace) -> None:
     """Defaults that depend on the machine. They need torch, so they are computed only once a
     command is about to run, never for `--help` or an argument error."""
+    if not hasattr(args, "dtype"):
+        return  # push
     if hasattr(args, "device"):
         args.device, default_dtype = _device_defaults(args.device)
     else:

@@ -98,6 +98,8 @@ def load_weights(
     tie_embeddings: bool = False,
     progress: bool = True,
     shards: dict[str, list[str] | None] | None = None,
+    skip: frozenset[str] = frozenset(),
+    provided: frozenset[str] = frozenset(),
 ) -> None:
     """Fill `model` (built on the meta device) from `folder`'s safetensors shards.
 
@@ -110,13 +112,15 @@ def load_weights(
         tie_embeddings: the head shares the embeddings; a stored `lm_head.weight` is ignored.
         progress: show a progress bar.
         shards: `shard_files(folder)`, when the caller already has it.
+        skip: Hub tensor names left to the caller (a quantized module's tensors).
+        provided: canonical names the caller fills itself (not reported missing).
     """
     from tqdm.auto import tqdm
 
     expected = expected_tensors(model)
     source: dict[str, str] = {}  # canonical name -> shard it came from
     shards = shards if shards is not None else shard_files(folder)
-    total = sum(len(names) if names else 0 for names in shards.values()) or None
+    total = sum(len(names) if names else 0 for names in shards.values()) - len(skip) or None
     bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
     for shard, listed in shards.items():
         try:
@@ -128,6 +132,8 @@ def load_weights(
                         f"tensor {absent[0]} is listed for {shard} in the index but absent from it"
                     )
                 for hub_name in keys:
+                    if hub_name in skip:
+                        continue
                     known, canonical = family.to_canonical(hub_name)
                     if not known or (canonical is not None and canonical not in expected):
                         if tie_embeddings and canonical == "lm_head.weight":
@@ -148,7 +154,7 @@ def load_weights(
         except OSError as error:
             raise HubquantError(f"cannot read {folder / shard}: {error}") from None
     bar.close()
-    missing = sorted(set(expected) - set(source))
+    missing = sorted(set(expected) - set(source) - provided)
     if missing:
         name = family.to_hub(missing[0])
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -65,16 +65,25 @@ def load(
 
     with torch.device("meta"):
         model = Decoder(cfg)
-    load_weights(
-        model,
-        family,
-        folder,
-        dtype=dtype,
-        device=device,
-        tie_embeddings=cfg.tie_embeddings,
-        progress=progress,
-        shards=shards,
-    )
+    if hf_config.get("quantization_config"):
+        # A variant made by `hubquant quantize` (or by transformers): rebuilt as saved, never
+        # re-quantized, then repacked into the fastest layout for `device`.
+        from hubquant.quantize.loading import load_quantized
+
+        load_quantized(
+            model, family, folder, hf_config, dtype=dtype, device=device, shards=shards, progress=progress
+        )
+    else:
+        load_weights(
+            model,
+            family,
+            folder,
+            dtype=dtype,
+            device=device,
+            tie_embeddings=cfg.tie_embeddings,
+            progress=progress,
+            shards=shards,
+        )
     model.eval()
     return model, tokenizer
 

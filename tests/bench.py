@@ -300,6 +300,168 @@ def _seconds(fn, *args) -> float:
     return time.perf_counter() - start
 
 
+# --- quantize: time, peak RSS, bytes, decode speed of each variant ----------------------------
+
+METHODS = ("int4", "nf4", "int8", "fp8")
+
+
+def synthetic_checkpoint() -> Path:
+    """A 4 GB fp32 Llama-architecture checkpoint (22 layers of 180 MB, a small vocabulary), written
+    one layer per shard so that making it never holds more than one layer."""
+    out = CACHE / "llama-4gb-fp32"
+    if (out / "config.json").is_file():
+        return out
+    from safetensors.torch import save_file
+
+    tmp = CACHE / "llama-4gb-fp32.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    hidden, inter, heads, kv, layers, vocab = 2048, 5632, 16, 4, 22, 8192
+    head_dim = hidden // heads
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "tie_word_embeddings": False,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "torch_dtype": "float32",
+    }  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    shapes = {
+        "self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv * head_dim, hidden),
+        "self_attn.v_proj": (kv * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter),
+    }  # fmt: skip
+    groups = [None, *range(layers)]
+    for i, layer in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        if layer is None:
+            tensors = {
+                "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=gen) * 0.02,
+                "lm_head.weight": torch.randn(vocab, hidden, generator=gen) * 0.02,
+                "model.norm.weight": torch.ones(hidden),
+            }
+        else:
+            p = f"model.layers.{layer}."
+            tensors = {p + k + ".weight": torch.randn(*v, generator=gen) * 0.02 for k, v in shapes.items()}
+            tensors[p + "input_layernorm.weight"] = torch.ones(hidden)
+            tensors[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
+        save_file(tensors, tmp / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    (tmp / "config.json").write_text(json.dumps(config))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
+    tmp.rename(out)
+    return out
+
+
+def child_quantize(source: str, out: str, method: str) -> None:
+    import shutil
+
+    from hubquant.quantize.core import quantize_checkpoint
+
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    _, report = quantize_checkpoint(source, out, method, force=True, progress=False)
+    seconds = time.perf_counter() - start
+    runtime = sum(layer.runtime_bytes for layer in report.layers if not layer.skipped)
+    print(json.dumps({"seconds": seconds, "peak_mb": rss_mb()[1], "runtime_bytes": runtime,
+                      "skipped": len(report.skipped), "layers": len(report.layers)}))  # fmt: skip
+
+
+def run_quantize(source: Path, method: str) -> tuple[Path, dict[str, float]]:
+    out = CACHE / f"{source.name}-{method}"
+    done = subprocess.run(
+        [sys.executable, __file__, "--child-quantize", str(source), str(out), method],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["disk_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return out, result
+
+
+def decode_pair(folder: Path, tokens: int = 64) -> tuple[float, float | None, str]:
+    """Decode tok/s of a saved folder in hubquant and in transformers (bf16 activations, batch 1,
+    greedy, 16-token prompt, median of 3 interleaved runs after a warm-up each)."""
+    import transformers
+
+    import hubquant
+
+    transformers.logging.set_verbosity_error()
+    ours, _ = hubquant.load(folder, dtype=torch.bfloat16, progress=False)
+    prompt = torch.randint(100, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    note = ""
+    try:
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    except Exception as error:  # say why, do not hide it
+        ref, note = None, f"transformers cannot load it here: {str(error).splitlines()[0][:120]}"
+    with torch.inference_mode():
+        run_ref = None
+        if ref is not None:
+
+            def run_ref():
+                ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                             min_new_tokens=tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+
+        ours_s, ref_s = timed_pair(
+            lambda: ours.generate(prompt, max_new_tokens=tokens, eos_ids=[]), run_ref, runs=3
+        )
+    return tokens / ours_s, (tokens / ref_s if ref is not None else None), note
+
+
+def report_quantize() -> list[tuple[str, bool]]:
+    verdicts = []
+    smollm = smollm_checkpoint()
+    print(f"\n## Quantize ({smollm.name}; `quantize_checkpoint` in a fresh process each: time, peak RSS)")
+    print(
+        "decode: 64 greedy tokens, batch 1, bf16 activations, 16-token prompt, median of 3 interleaved runs"
+    )
+    base_ours, base_ref, _ = decode_pair(smollm)
+    print(f"{'variant':8} {'sec':>6} {'peak MB':>8} {'disk MB':>8} {'runtime MB':>10} {'hubquant tok/s':>15} "
+          f"{'transformers tok/s':>19}")  # fmt: skip
+    print(f"{'bf16':8} {'':>6} {'':>8} {'':>8} {'':>10} {base_ours:15.1f} {base_ref:19.1f}")
+    for method in METHODS:
+        try:
+            folder, r = run_quantize(smollm, method)
+            ours, ref, note = decode_pair(folder)
+        except Exception as error:
+            print(f"{method:8} failed: {error}")
+            verdicts.append((f"{method} quantizes and decodes", False))
+            continue
+        ref_text = f"{ref:19.1f}" if ref is not None else f"{'n/a':>19}"
+        print(f"{method:8} {r['seconds']:6.1f} {r['peak_mb']:8.0f} {r['disk_bytes'] / 1e6:8.1f} "
+              f"{r['runtime_bytes'] / 1e6:10.1f} {ours:15.1f} {ref_text}  "
+              f"({r['layers'] - r['skipped']}/{r['layers']} projections quantized) {note}")  # fmt: skip
+        if ref is not None:
+            verdicts.append((f"{method} decode hubquant >= transformers", ours >= ref))
+        if method == "int4":
+            verdicts.append(("int4 decode >= 1.5x hubquant bf16", ours >= 1.5 * base_ours))
+    big = synthetic_checkpoint()
+    model_gb = sum(f.stat().st_size for f in big.glob("*.safetensors")) / 1e9
+    layer_mb = max(f.stat().st_size for f in big.glob("*.safetensors")) / 1e6
+    target = 2 * layer_mb + 500
+    print(
+        f"\n## Quantize, bounded memory ({big.name}: {model_gb:.2f} GB fp32, largest shard {layer_mb:.0f} MB)"
+    )
+    print(f"target: peak RSS <= 2 x largest layer + 500 MB = {target:.0f} MB")
+    for method in METHODS:
+        try:
+            folder, r = run_quantize(big, method)
+        except Exception as error:
+            print(f"{method:8} failed: {error}")
+            verdicts.append((f"{method} bounded-memory quantize", False))
+            continue
+        ok = r["peak_mb"] <= target
+        print(f"{method:8} {r['seconds']:6.1f} s  peak RSS {r['peak_mb']:6.0f} MB  disk {r['disk_bytes'] / 1e9:5.2f} GB  "
+              f"({'met' if ok else 'MISSED'})")  # fmt: skip
+        verdicts.append((f"{method} quantize peak RSS on 4 GB", ok))
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return verdicts
+
+
 def report_startup() -> list[tuple[str, bool]]:
     """`hubquant --help` and an argument error, each a fresh process: the CLI must answer without
     importing torch."""
@@ -325,12 +487,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", nargs=3, metavar=("WHICH", "FOLDER", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--child-convert", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["startup", "dequant", "load", "speed", "convert"], default=None)
+    parser.add_argument("--child-quantize", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only", choices=["startup", "dequant", "load", "speed", "convert", "quantize"], default=None
+    )
     args = parser.parse_args()
     if args.child:
         return child_load(*args.child)
     if args.child_convert:
         return child_convert(*args.child_convert)
+    if args.child_quantize:
+        return child_quantize(*args.child_quantize)
     folder = smollm_checkpoint()
     verdicts = []
     if args.only in (None, "startup"):
@@ -343,6 +510,8 @@ def main() -> None:
         verdicts += report_speed(folder)
     if args.only in (None, "convert"):
         verdicts += report_convert()
+    if args.only in (None, "quantize"):
+        verdicts += report_quantize()
     print("\n## Targets")
     for name, ok in verdicts:
         print(f"{name:52} {'met' if ok else 'MISSED'}")

@@ -39,6 +39,11 @@ def test_help_version_and_argument_errors_do_not_import_torch():
             (["generate"], 2),  # SOURCE missing
             (["convert", "x", "--out", "o", "--dtype", "fp64"], 2),
             (["frobnicate"], 2),
+            (["quantize", "--help"], 0),
+            (["push", "--help"], 0),
+            (["quantize", "m", "--method", "int3"], 2),
+            (["quantize", "m"], 2),  # --method missing
+            (["push", "folder"], 2),  # --repo-id missing
         ]
         for argv, status in cases:
             out, err = io.StringIO(), io.StringIO()

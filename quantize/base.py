@@ -1,0 +1,220 @@
+"""The one small interface every quantization method implements, and the record of what it did.
+
+A method turns one `nn.Linear` of the canonical decoder into its quantized runtime module, says
+which tensors (in transformers' names and layout) and which safetensors metadata represent that
+module on disk, writes the `quantization_config` transformers expects in config.json, and rebuilds
+the runtime module from saved tensors. Everything else (walking the model layer by layer, streaming
+a checkpoint, writing shards atomically, the model card) is shared and lives in `core.py`.
+
+Methods are registered by name (`int4`, `nf4`, `int8`, `fp8`), like families are.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hubquant.errors import HubquantError
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` the method of its `name`."""
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    _import_methods()
+    return sorted(_METHODS)
+
+
+def get_method(name: str, **settings: Any) -> Method:
+    """The method registered as `name`, configured with `settings` (group_size, hqq...).
+
+    Raises:
+        HubquantError: for an unknown name or settings the method refuses.
+    """
+    _import_methods()
+    cls = _METHODS.get(name)
+    if cls is None:
+        raise HubquantError(
+            f"quantization method '{name}' is unknown; use one of {', '.join(method_names())}"
+        )
+    return cls(**settings)
+
+
+def method_from_hf_config(quantization_config: dict[str, Any]) -> Method:
+    """The method (with its settings) that wrote a checkpoint's `quantization_config`.
+
+    Raises:
+        HubquantError: for a quantization hubquant does not read.
+    """
+    _import_methods()
+    for cls in _METHODS.values():
+        method = cls.from_hf_config(quantization_config)
+        if method is not None:
+            return method
+    kind = quantization_config.get("quant_method", "?")
+    raise HubquantError(
+        f"config.json's quantization_config ({kind}) is not one hubquant reads; "
+        f"hubquant reads its own variants: {', '.join(method_names())}"
+    )
+
+
+def _import_methods() -> None:
+    # The method modules register themselves; imported on first use so that `import hubquant`
+    # stays free of torchao and bitsandbytes.
+    from . import nf4, torchao_methods  # noqa: F401
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one projection.
+
+    Attributes:
+        name: canonical module name ("layers.3.attn.q").
+        shape: (out_features, in_features).
+        settings: the settings used for this layer ({"group_size": 64}), empty when skipped.
+        skipped: why it was left in the base dtype, or None.
+        disk_bytes / runtime_bytes: bytes of its weight representation on disk and in memory.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    settings: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+    disk_bytes: int = 0
+    runtime_bytes: int = 0
+
+
+@dataclass
+class QuantReport:
+    """What a quantization did, layer by layer: written to the model card and results.
+
+    Attributes:
+        method: the method's name; `settings` its settings as given.
+        library: "torchao" or "bitsandbytes", with `library_version`.
+        layers: one record per projection (quantized or skipped).
+    """
+
+    method: str
+    settings: dict[str, Any]
+    library: str
+    library_version: str
+    layers: list[LayerRecord] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> list[LayerRecord]:
+        return [layer for layer in self.layers if layer.skipped]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Method(ABC):
+    """One quantization method. Subclasses set `name`, `library`, and implement the methods below.
+
+    Args (of the constructor): the method's settings, e.g. `group_size`, `hqq`; unknown or invalid
+    ones raise `HubquantError`.
+    """
+
+    name: ClassVar[str]
+    library: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """The settings as given (recorded in reports and the model card)."""
+
+    @abstractmethod
+    def plan(self, name: str, linear: nn.Linear) -> dict[str, Any] | str:
+        """The settings this layer will be quantized with, or a string: why it is skipped."""
+
+    @abstractmethod
+    def quantize(self, linear: nn.Linear, layer_settings: dict[str, Any]) -> nn.Module:
+        """The module replacing `linear`, in the layout that is saved (full-precision weights in,
+        on any device). `to_runtime` then turns it into the fastest layout for its device."""
+
+    def to_runtime(self, module: nn.Module) -> nn.Module:
+        """The fastest runtime layout of a quantized module for the device it is on (int4 on the
+        CPU: torchao's packed opaque layout). Default: as saved."""
+        return module
+
+    @abstractmethod
+    def hf_tensors(self, module: nn.Module, hub_prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors that represent the saved-layout `module` in a transformers checkpoint, by
+        full name under `hub_prefix` ("model.layers.0.self_attn.q_proj"), bias included."""
+
+    def hf_metadata(
+        self, tensors: dict[str, tuple[tuple[int, ...], dict[str, Any] | None]], dtype: torch.dtype
+    ) -> dict[str, str]:
+        """The safetensors `__metadata__` every shard of the checkpoint carries (transformers merges
+        them), computed before any weight is quantized, from every Hub weight name of the checkpoint
+        with its shape and its layer settings (None: kept in the base dtype), and `dtype`, the base
+        dtype the weights are quantized from (torchao's metadata records it). Default: none."""
+        return {}
+
+    def owns(self, hub_prefix: str, keys: set[str]) -> set[str]:
+        """The saved tensor names (out of `keys`) that make up the quantized module at `hub_prefix`
+        (bias included); empty when that module was saved unquantized."""
+        return set()
+
+    @abstractmethod
+    def hf_quantization_config(self, not_converted: list[str]) -> dict[str, Any]:
+        """config.json's `quantization_config`, as transformers writes it for this method;
+        `not_converted` lists the Hub module names left in the base dtype (the head among them
+        unless it was quantized)."""
+
+    @classmethod
+    @abstractmethod
+    def from_hf_config(cls, quantization_config: dict[str, Any]) -> Method | None:
+        """This method configured from a saved `quantization_config`, or None if it is not ours."""
+
+    @abstractmethod
+    def load_module(
+        self,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, str],
+        hub_prefix: str,
+        like: nn.Linear,
+        dtype: torch.dtype,
+    ) -> nn.Module:
+        """Rebuild the saved-layout module from its tensors (full names under `hub_prefix`, as
+        `owns` chose them, already on the target device), with `like` (meta device) giving the
+        shape and bias, and `dtype` the activations' dtype."""
+
+    @abstractmethod
+    def theoretical_bytes(self, shape: tuple[int, int], layer_settings: dict[str, Any]) -> int:
+        """Bytes the method's format needs for a weight of `shape`: bits per value plus scales
+        (what the storage test holds the files to, within 5%)."""
+
+    def runtime_bytes(self, module: nn.Module) -> int:
+        """Bytes the module holds at run time."""
+        return linear_bytes(module)
+
+
+def linear_bytes(module: nn.Module) -> int:
+    """Bytes of a (possibly quantized) module's parameters and buffers, as held at run time."""
+    total = 0
+    for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        total += tensor_bytes(tensor)
+    return total
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds, looking inside torchao tensor subclasses (their inner tensors)."""
+    names: list[str] = list(getattr(tensor, "tensor_data_names", []) or [])
+    names += list(getattr(tensor, "optional_tensor_data_names", []) or [])
+    if names:
+        return sum(tensor_bytes(getattr(tensor, n)) for n in names if getattr(tensor, n, None) is not None)
+    return tensor.numel() * tensor.element_size()
+
+
+Filter = Callable[[str, nn.Linear], bool]

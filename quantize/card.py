@@ -1,0 +1,511 @@
+"""The model card (README.md) and quantization_report.json of a quantized variant.
+
+The card is rendered with jinja2 from `templates/model_card.md.j2`. Every value the template prints
+is escaped for Markdown and HTML unless it was built here as safe (the YAML front matter, which
+`yaml.safe_dump` quotes, and table rows, escaped cell by cell), so a model name holding quotes,
+colons, pipes or `<script>` can neither break the YAML nor inject markup.
+
+This module imports neither torch nor huggingface_hub at import time: `hubquant push --dry-run`
+and the CLI's report summary use it without them. (The Hub is only asked for the base model's
+README, to carry its license over, when the source folder does not have it.)
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shlex
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import QuantReport
+
+CARD = "README.md"
+REPORT = "quantization_report.json"
+TEMPLATE = "model_card.md.j2"
+
+# The loading snippets name the model through this line. The card is written before the repo it
+# goes to is known, so `push` fills in the repo id (`fill_repo_id`) in the copy it uploads.
+REPO_PLACEHOLDER = "ORG/NAME"
+_MODEL_ID_LINE = re.compile(r'^model_id = "ORG/NAME"[^\n]*$', re.MULTILINE)
+
+# A Hub repo id: namespace/name, the characters the Hub allows, no "--" or ".." in it.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+
+
+@dataclass(frozen=True)
+class _MethodText:
+    title: str
+    bits: int | None
+    about: str  # what the method stores
+    sizes: str  # how disk and runtime bytes relate
+    repacks: bool = False  # hubquant.load changes the layout for the device
+
+
+_METHODS: dict[str, _MethodText] = {
+    "int4": _MethodText(
+        "int4 weight-only",
+        4,
+        "Each weight is a 4-bit integer with one scale and zero point per group of consecutive "
+        "input values (the group size above); activations stay in the base dtype.",
+        "Made on a CPU, int4 is saved in torchao's portable layout, one byte per 4-bit value "
+        "(`IntxUnpackedToInt8Tensor`), because torchao cannot save its packed CPU layout; made on "
+        "CUDA it is saved packed (`tile_packed_to_4d`). hubquant packs the weights at load time into "
+        "the fast layout of the device it runs on, two values per byte, which is the run-time figure. "
+        "transformers keeps the saved layout in memory.",
+        repacks=True,
+    ),
+    "nf4": _MethodText(
+        "NF4 (4-bit NormalFloat, bitsandbytes)",
+        4,
+        "Each weight is one of 16 NormalFloat levels, two per byte, with one absmax per block of 64 "
+        "values; with double quantisation the absmax values are themselves quantized to 8 bits. "
+        "Matrix products run in the compute dtype.",
+        "bitsandbytes keeps the same packed layout on disk and in memory.",
+    ),
+    "int8": _MethodText(
+        "int8 weight-only",
+        8,
+        "Each weight is an 8-bit integer with one scale per output row; activations stay in the base dtype.",
+        "The layout is the same on disk and in memory: one byte per weight plus the row scales.",
+    ),
+    "fp8": _MethodText(
+        "float8 weight-only",
+        8,
+        "Each weight is an 8-bit float (e4m3) with its scales; activations stay in the base dtype.",
+        "The layout is the same on disk and in memory: one byte per weight plus the scales.",
+    ),
+}
+
+# results.json columns the card knows, in order: key -> (title, format).
+_RESULT_COLUMNS: dict[str, tuple[str, str]] = {
+    "variant": ("variant", "text"),
+    "ppl": ("perplexity", "float"),
+    "kld_mean": ("mean KL divergence to the base model", "float"),
+    "top1_agreement": ("top-1 agreement with the base model", "fraction"),
+    "decode_tok_s": ("decode, tok/s", "rate"),
+}
+
+_LICENSE_KEYS = ("license", "license_name", "license_link")
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|#])")
+
+
+def md_escape(value: Any) -> str:
+    """Text that Markdown and HTML show literally: `<`, `>`, `&` become entities, Markdown
+    punctuation (`*`, `_`, backticks, brackets, `|`, `#`, backslash) is backslash-escaped, and
+    line breaks become spaces, so a value fits in one table cell.
+
+    Args:
+        value: anything; it is turned into text with `str`.
+    """
+    text = " ".join(str(value).split()) if value is not None else ""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` has the shape of a Hub model id (`namespace/name`).
+
+    Args:
+        name: the candidate.
+    """
+    return bool(_REPO_ID.match(name)) and ".." not in name and "--" not in name
+
+
+def human_bytes(count: int) -> str:
+    """`count` bytes in B, kB, MB or GB (powers of 1000, as the Hub shows sizes).
+
+    Args:
+        count: a number of bytes.
+    """
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+def report_dict(report: QuantReport | Mapping[str, Any]) -> dict[str, Any]:
+    """A report as plain data: `QuantReport.to_dict()`, or a dict read from quantization_report.json.
+
+    Args:
+        report: a `QuantReport` or its dict.
+    """
+    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    data.setdefault("settings", {})
+    data.setdefault("layers", [])
+    data.setdefault("library", "?")
+    data.setdefault("library_version", "?")
+    return data
+
+
+def _runtime(layer: Mapping[str, Any]) -> int:
+    # A skipped layer keeps its base-dtype weight: it holds at run time what it takes on disk.
+    return int(layer.get("runtime_bytes") or layer.get("disk_bytes") or 0)
+
+
+def _bf16_bytes(layer: Mapping[str, Any]) -> int:
+    out_features, in_features = layer["shape"]
+    return 2 * int(out_features) * int(in_features)
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in settings.items()) or "defaults"
+
+
+def _shape_text(shape: Any) -> str:
+    return " x ".join(str(n) for n in shape)
+
+
+def report_summary(report: QuantReport | Mapping[str, Any]) -> str:
+    """What a quantization did, in a few lines for the terminal: the method and its settings, how
+    many layers were quantized and skipped (each skipped one with its reason), and the bytes.
+
+    Args:
+        report: a `QuantReport` or its dict.
+    """
+    data = report_dict(report)
+    layers = data["layers"]
+    skipped = [layer for layer in layers if layer.get("skipped")]
+    lines = [
+        f"method: {data['method']} ({data['library']} {data['library_version']}); "
+        f"settings: {_settings_text(data['settings'])}",
+    ]
+    per_layer = Counter(_settings_text(layer["settings"]) for layer in layers if not layer.get("skipped"))
+    if len(per_layer) > 1:
+        lines.append(
+            "per layer: " + "; ".join(f"{text}: {n} layers" for text, n in sorted(per_layer.items()))
+        )
+    lines.append(f"quantized: {len(layers) - len(skipped)} layers; skipped: {len(skipped)}")
+    for layer in skipped:
+        lines.append(f"  skipped {layer['name']} ({_shape_text(layer['shape'])}): {layer['skipped']}")
+    disk = sum(int(layer.get("disk_bytes", 0)) for layer in layers)
+    runtime = sum(_runtime(layer) for layer in layers)
+    bf16 = sum(_bf16_bytes(layer) for layer in layers)
+    lines.append(
+        f"projection weights: {human_bytes(disk)} on disk ({disk} bytes), {human_bytes(runtime)} at run "
+        f"time ({runtime} bytes); {human_bytes(bf16)} in bf16"
+    )
+    return "\n".join(lines)
+
+
+def _front_matter(text: str) -> dict[str, Any]:
+    """The YAML metadata block at the top of a model card, or {} when there is none (or it is bad)."""
+    import yaml
+
+    match = re.match(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*$", text, re.DOTALL | re.MULTILINE)
+    if not match:
+        return {}
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_front_matter(card: Path) -> dict[str, Any]:
+    """The YAML metadata of a model card file, or {} when it has none or cannot be read.
+
+    Args:
+        card: a README.md.
+    """
+    try:
+        return _front_matter(card.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return {}
+
+
+def _hub_license(repo_id: str) -> dict[str, Any]:
+    """The license fields of a Hub model's card: from the HF cache's README.md, else one request
+    for the model's info (10 s at most, skipped when HF_HUB_OFFLINE is set); never an error."""
+    try:
+        from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, CARD)
+        if isinstance(cached, str):
+            return read_front_matter(Path(cached))
+        if constants.HF_HUB_OFFLINE:
+            return {}
+        card = HfApi().model_info(repo_id, timeout=10).card_data
+        return {key: getattr(card, key, None) for key in _LICENSE_KEYS} if card is not None else {}
+    except Exception:  # no card, no network, gated...: the license is then left out
+        return {}
+
+
+def _license(base_model: str, source_folder: Path | None) -> dict[str, Any]:
+    """The base model's `license` (with `license_name` and `license_link` when it is "other"), from
+    the source folder's README.md, else from the Hub's card of a Hub model; {} when unknown."""
+    meta: dict[str, Any] = {}
+    if source_folder is not None:
+        meta = read_front_matter(Path(source_folder) / CARD)
+    hub_id, _ = _base_identity(base_model)
+    if not meta.get("license") and hub_id is not None:
+        meta = _hub_license(hub_id)
+    if not isinstance(meta.get("license"), str) or not meta["license"].strip():
+        return {}
+    return {key: meta[key] for key in _LICENSE_KEYS if isinstance(meta.get(key), str)}
+
+
+def _base_identity(base_model: str) -> tuple[str | None, str]:
+    """(the Hub id of the base model or None, the name to show). A local folder is named by its
+    last component only: its full path (home folder, user name) is nobody's business on the Hub."""
+    local = Path(base_model).expanduser()
+    looks_local = base_model.startswith((".", "/", "~")) or "\\" in base_model or local.exists()
+    if is_repo_id(base_model) and not looks_local:
+        return base_model, base_model
+    return None, local.absolute().name or "local checkpoint"
+
+
+def _base_dtype(folder: Path | None, base_config: Mapping[str, Any]) -> str:
+    config: Mapping[str, Any] = base_config
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        try:
+            config = json.loads((Path(folder) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    value = config.get("dtype") or config.get("torch_dtype") or base_config.get("torch_dtype")
+    return str(value).removeprefix("torch.") if value else "the base dtype"
+
+
+def _format_result(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "text" or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if kind == "fraction" and 0 <= value <= 1:
+        return f"{100 * value:.2f}%"
+    if kind == "rate":
+        return f"{value:.1f}"
+    return f"{value:.4g}"
+
+
+def _evaluation(results: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The evaluation table from a hubquant results.json: the known columns that any row has."""
+    if not results:
+        return None
+    rows = [row for row in results.get("rows") or [] if isinstance(row, Mapping)]
+    if not rows:
+        return None
+    keys = [key for key in _RESULT_COLUMNS if any(key in row for row in rows)]
+    if not keys:
+        return None
+    method = results.get("method")
+    return {
+        "method": method if isinstance(method, str) else None,
+        "header": [_RESULT_COLUMNS[key][0] for key in keys],
+        "rows": [[_format_result(row.get(key), _RESULT_COLUMNS[key][1]) for key in keys] for row in rows],
+    }
+
+
+def _checkpoint_bytes(folder: Path | None) -> int:
+    if folder is None or not Path(folder).is_dir():
+        return 0
+    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+
+
+def _environment() -> Any:
+    import jinja2
+    from markupsafe import Markup
+
+    def finalize(value: Any) -> Any:
+        return value if isinstance(value, Markup) else Markup(md_escape(value))
+
+    def row(cells: list[Any]) -> Markup:
+        return Markup("| " + " | ".join(md_escape(cell) for cell in cells) + " |")
+
+    def separator(columns: int) -> Markup:
+        return Markup("|" + "---|" * columns)
+
+    env = jinja2.Environment(
+        autoescape=False,  # `finalize` escapes every printed value for Markdown instead
+        finalize=finalize,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["row"] = row
+    env.filters["separator"] = separator
+    return env
+
+
+def render_card(
+    *,
+    base_model: str,
+    base_config: Mapping[str, Any],
+    report: QuantReport | Mapping[str, Any],
+    source_folder: Path | None = None,
+    results: Mapping[str, Any] | None = None,
+    folder: Path | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """The model card of a quantized variant, as text (what `write_card` writes to README.md).
+
+    Args:
+        base_model: the Hub id of the model that was quantized, or the local folder it came from
+            (then only the folder's name is shown, and no `base_model` metadata is written).
+        base_config: the base model's config.json.
+        report: what the quantization did (`QuantReport` or its dict).
+        source_folder: the base checkpoint's folder; its README.md gives the license.
+        results: a hubquant results.json dict; its rows become the evaluation table.
+        folder: the quantized folder, when written: its config.json gives the base dtype and its
+            safetensors files the checkpoint size.
+        repo_id: the repo the card goes to, for the loading snippets (default: a placeholder that
+            `push` fills in).
+    """
+    from markupsafe import Markup
+
+    from hubquant import __version__
+
+    data = report_dict(report)
+    method = _METHODS.get(data["method"], _MethodText(data["method"], None, "", ""))
+    hub_id, base_name = _base_identity(base_model)
+    layers = data["layers"]
+    skipped = [layer for layer in layers if layer.get("skipped")]
+    head_quantized = any(layer["name"] == "lm_head" and not layer.get("skipped") for layer in layers)
+
+    tags = ["hubquant", data["method"], data["library"]]
+    if method.bits is not None:
+        tags.append(f"{method.bits}-bit")
+    tags = list(dict.fromkeys(str(tag) for tag in tags if tag and tag != "?"))
+    meta: dict[str, Any] = {}
+    if hub_id is not None:
+        meta.update(base_model=hub_id, base_model_relation="quantized")
+    meta["library_name"] = "transformers"
+    meta.update(_license(base_model, source_folder))
+    meta["tags"] = tags
+    meta["pipeline_tag"] = "text-generation"
+
+    settings_rows = [
+        ["method", f"{data['method']}: {method.title}"],
+        ["library", f"{data['library']} {data['library_version']}"],
+        *([key, "default" if value is None else value] for key, value in data["settings"].items()),
+        ["quantized layers", f"{len(layers) - len(skipped)} of {len(layers)}"],
+        ["output head", "quantized" if head_quantized else "kept in the base dtype"],
+    ]
+    per_layer = Counter(_settings_text(layer["settings"]) for layer in layers if not layer.get("skipped"))
+    disk = sum(int(layer.get("disk_bytes", 0)) for layer in layers)
+    runtime = sum(_runtime(layer) for layer in layers)
+    bf16 = sum(_bf16_bytes(layer) for layer in layers)
+    files = _checkpoint_bytes(folder)
+    size_rows = [
+        ["projection weights on disk", human_bytes(disk), f"{disk:,}"],
+        ["projection weights at run time (hubquant)", human_bytes(runtime), f"{runtime:,}"],
+        ["the same weights in bf16", human_bytes(bf16), f"{bf16:,}"],
+    ]
+    if files:
+        size_rows.append(
+            ["checkpoint files (every tensor, embeddings included)", human_bytes(files), f"{files:,}"]
+        )
+
+    if hub_id is not None:
+        base_link = Markup(f"[{md_escape(hub_id)}](https://huggingface.co/{hub_id})")
+    else:
+        base_link = Markup(f"the local checkpoint {md_escape(base_name)}")
+    model_id = repo_id if repo_id and is_repo_id(repo_id) else None
+    model_id_line = (
+        f"model_id = {json.dumps(model_id)}"
+        if model_id
+        else f'model_id = "{REPO_PLACEHOLDER}"  # this repository once pushed, or the local folder'
+    )
+    reproduce = None
+    if hub_id is not None:
+        command = ["hubquant", "quantize", hub_id, "--method", str(data["method"])]
+        settings = data["settings"]
+        if settings.get("group_size") is not None:
+            command += ["--group-size", str(settings["group_size"])]
+        if settings.get("hqq") is True:
+            command.append("--hqq")
+        if head_quantized:
+            command.append("--include-head")
+        command += ["--out", (model_id or f"{hub_id}-{data['method']}").split("/")[-1]]
+        # Only Hub ids and settings reach the shell line; backticks could still close the fence.
+        reproduce = " ".join(shlex.quote(part) for part in command)
+        if "`" in reproduce:
+            reproduce = None
+
+    template = resources.files(__package__).joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+    return (
+        _environment()
+        .from_string(template)
+        .render(
+            front_matter=Markup(_yaml(meta)),
+            title=f"{base_name} ({data['method']}, {data['library']})",
+            method={
+                "title": method.title,
+                "about": Markup(method.about),  # constants of this module, written as Markdown
+                "sizes": Markup(method.sizes),
+                "repacks": method.repacks,
+            },
+            base_link=base_link,
+            hubquant_version=__version__,
+            report=data,
+            skipped=[[layer["name"], _shape_text(layer["shape"]), layer["skipped"]] for layer in skipped],
+            kept="embeddings and norms" if head_quantized else "embeddings, norms and the output head",
+            base_dtype=_base_dtype(folder, base_config),
+            settings_rows=settings_rows,
+            per_layer=[[text, count] for text, count in sorted(per_layer.items())],
+            size_rows=size_rows,
+            evaluation=_evaluation(results),
+            model_id_line=Markup(model_id_line),
+            reproduce=Markup(reproduce) if reproduce else None,
+        )
+    )
+
+
+def write_card(
+    folder: Path,
+    *,
+    base_model: str,
+    base_config: dict,
+    report: QuantReport,
+    source_folder: Path | None = None,
+    results: dict | None = None,
+) -> None:
+    """Write the model card (README.md) and quantization_report.json into a quantized folder.
+
+    The report file holds `report.to_dict()` (settings, every layer with its shape, settings,
+    bytes and skip reason) plus `base_model`, so that tools read the facts as data.
+
+    Args:
+        folder: the quantized folder (config.json and the shards already written).
+        base_model: the Hub id of the model that was quantized, or its local folder.
+        base_config: the base model's config.json.
+        report: what the quantization did.
+        source_folder: the base checkpoint's folder; its README.md gives the license.
+        results: a hubquant results.json dict; its rows become the evaluation table.
+    """
+    folder = Path(folder)
+    hub_id, base_name = _base_identity(base_model)
+    data = {"base_model": hub_id or base_name, **report_dict(report)}
+    (folder / REPORT).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    card = render_card(
+        base_model=base_model,
+        base_config=base_config,
+        report=report,
+        source_folder=source_folder,
+        results=results,
+        folder=folder,
+    )
+    (folder / CARD).write_text(card, encoding="utf-8")
+
+
+def fill_repo_id(card: str, repo_id: str) -> str:
+    """The card with its loading snippets pointing at `repo_id` instead of the placeholder.
+
+    Args:
+        card: README.md text written by `write_card`.
+        repo_id: the Hub repo the card goes to.
+    """
+    return _MODEL_ID_LINE.sub(lambda _: f"model_id = {json.dumps(repo_id)}", card)

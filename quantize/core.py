@@ -1,0 +1,387 @@
+"""Quantize a loaded model in place, or stream a checkpoint into a quantized Hub folder.
+
+Both walk the decoder one layer at a time. Streaming (`quantize_checkpoint`) never holds more than
+one layer in full precision: each layer's tensors are read from the shards, its projections are
+quantized, the layer is written as its own safetensors shard in transformers' names and layout, and
+everything of it is freed before the next layer is read. The folder is built under a temporary name
+and renamed into place when complete, as `convert` does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hubquant.errors import HubquantError
+
+from .base import LayerRecord, Method, QuantReport, get_method, tensor_bytes
+
+# Projections of a decoder layer, by canonical module name; all of them are quantized.
+PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+HEAD = "lm_head"
+
+
+@dataclass
+class _Target:
+    name: str  # canonical module name ("layers.3.attn.q")
+    linear: nn.Linear
+
+
+def _projections(model: nn.Module, layer: int) -> Iterator[_Target]:
+    block = model.layers[layer]
+    for short in PROJECTIONS:
+        module = block.get_submodule(short) if _has(block, short) else None
+        if isinstance(module, nn.Linear):
+            yield _Target(f"layers.{layer}.{short}", module)
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        return module.get_submodule(path) is not None
+    except AttributeError:
+        return False
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _library_version(library: str) -> str:
+    try:
+        return version(library)
+    except Exception:
+        return "unknown"
+
+
+def new_report(method: Method) -> QuantReport:
+    return QuantReport(method.name, method.settings, method.library, _library_version(method.library))
+
+
+def _quantize_one(method: Method, target: _Target, runtime: bool) -> tuple[nn.Module | None, LayerRecord]:
+    """Quantize one projection; (new module or None when skipped, its record)."""
+    linear = target.linear
+    shape = (linear.out_features, linear.in_features)
+    plan = method.plan(target.name, linear)
+    if isinstance(plan, str):
+        return None, LayerRecord(target.name, shape, skipped=plan, disk_bytes=tensor_bytes(linear.weight))
+    saved = method.quantize(linear, plan)
+    disk = sum(tensor_bytes(t) for t in method.hf_tensors(saved, "m").values())
+    disk -= tensor_bytes(linear.bias) if linear.bias is not None else 0
+    # Runtime bytes are those of the runtime layout even when streaming the saved one to disk.
+    fast = method.to_runtime(saved)
+    module = fast if runtime else saved
+    return module, LayerRecord(target.name, shape, plan, None, disk, method.runtime_bytes(fast))
+
+
+def quantize(
+    model: nn.Module,
+    method: str | Method = "int4",
+    *,
+    group_size: int | None = None,
+    hqq: bool = False,
+    include_head: bool = False,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize a model from `hubquant.load` in place, one layer at a time.
+
+    Each projection's full-precision weight is dropped as soon as its quantized module replaces
+    it, so the process holds the quantized model plus at most one layer in full precision.
+
+    Args:
+        model: the canonical decoder (not already quantized).
+        method: "int4", "nf4", "int8", "fp8", or a configured `Method`.
+        group_size: int4's group size (default 128, falling back to 64 or 32 per layer).
+        hqq: int4 only: choose scales with HQQ's parameter search.
+        include_head: also quantize the output head (untied from the embeddings if tied).
+        progress: show a progress bar.
+
+    Returns:
+        The report: settings per layer, skipped layers and why, bytes.
+    """
+    from tqdm.auto import tqdm
+
+    if getattr(model, "quant_report", None) is not None:
+        done = model.quant_report.method
+        raise HubquantError(f"the model is already quantized ({done}); quantize its base model instead")
+    if isinstance(method, str):
+        settings = {"group_size": group_size, "hqq": hqq} if method == "int4" else {}
+        if method != "int4" and (group_size is not None or hqq):
+            raise HubquantError(f"--group-size and --hqq apply to int4 only, not to {method}")
+        method = get_method(method, **settings)
+    report = new_report(method)
+    with torch.no_grad():
+        for layer in tqdm(range(len(model.layers)), desc=f"quantize {method.name}", disable=not progress):
+            for target in _projections(model, layer):
+                module, record = _quantize_one(method, target, runtime=True)
+                if module is not None:
+                    _set(model, target.name, module)
+                report.layers.append(record)
+        if include_head:
+            if model.config.tie_embeddings:
+                model.lm_head.weight = nn.Parameter(
+                    model.lm_head.weight.detach().clone(), requires_grad=False
+                )
+            module, record = _quantize_one(method, _Target(HEAD, model.lm_head), runtime=True)
+            if module is not None:
+                model.lm_head = module
+            report.layers.append(record)
+    model.quant_report = report
+    return report
+
+
+def quantize_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    method: str = "int4",
+    *,
+    group_size: int | None = None,
+    hqq: bool = False,
+    include_head: bool = False,
+    dtype: str | torch.dtype = "bf16",
+    revision: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[Path, QuantReport]:
+    """Stream a checkpoint into a quantized Hub-layout folder that transformers loads unchanged.
+
+    Peak memory is about the largest layer in full precision twice, plus the libraries: each layer
+    is read, quantized, written as its own shard and freed before the next.
+
+    Args:
+        source: a Hub repo id or a local Hub-layout folder, as for `hubquant.load`.
+        out: the output folder (built beside itself, renamed into place when complete).
+        method, group_size, hqq, include_head: as for `quantize`.
+        dtype: the base dtype of everything not quantized (and of int4's scales).
+        revision: Hub branch, tag or commit.
+        force: replace a non-empty `out`.
+        progress: show a progress bar.
+
+    Returns:
+        (the folder, the report).
+    """
+    from hubquant.convert.writer import check_out, staging
+    from hubquant.models.checkpoint import read_config, shard_files
+    from hubquant.models.config import torch_dtype
+    from hubquant.models.families import family_for
+    from hubquant.models.hub import resolve
+
+    target_dtype = torch_dtype(dtype)
+    out = Path(out).expanduser().absolute()
+    check_out(out, force)
+    if method != "int4" and (group_size is not None or hqq):
+        raise HubquantError(f"--group-size and --hqq apply to int4 only, not to {method}")
+    settings = {"group_size": group_size, "hqq": hqq} if method == "int4" else {}
+    quantizer = get_method(method, **settings)
+    folder = resolve(source, revision)
+    hf_config = read_config(folder)
+    if hf_config.get("quantization_config"):
+        kind = hf_config["quantization_config"].get("quant_method", "quantized")
+        raise HubquantError(f"{source} is already quantized ({kind}); quantize its base model instead")
+    family = family_for(hf_config)
+    streamer = _LayerStreamer(folder, family, hf_config, shard_files(folder), target_dtype)
+    with staging(out, force) as tmp:
+        report = _write_quantized(streamer, quantizer, tmp, include_head, progress)
+        _write_metadata(folder, tmp, hf_config, quantizer, report, target_dtype, streamer, source)
+    return out, report
+
+
+class _LayerStreamer:
+    """Reads a checkpoint one group of tensors at a time: everything outside the layers, or one
+    layer, as canonical tensors of the meta-built model, cast to the base dtype."""
+
+    def __init__(
+        self, folder: Path, family: Any, hf_config: dict[str, Any], shards: dict, dtype: torch.dtype
+    ):
+        from hubquant.models.checkpoint import expected_tensors
+        from hubquant.models.decoder import Decoder
+        from hubquant.models.safetensors_file import SafetensorsFile
+
+        self.folder, self.family, self.dtype = folder, family, dtype
+        self.config = family.config(hf_config)
+        with torch.device("meta"):
+            self.model = Decoder(self.config)
+        self.expected = expected_tensors(self.model)
+        self.where: dict[str, tuple[str, str]] = {}  # canonical -> (shard, hub name)
+        for shard in shards:
+            with SafetensorsFile(folder / shard) as f:
+                for hub_name in f.keys():
+                    known, canonical = family.to_canonical(hub_name)
+                    if canonical is None or (self.config.tie_embeddings and canonical == "lm_head.weight"):
+                        if not known:
+                            raise HubquantError(
+                                f"unexpected tensor {hub_name} in {shard}: the {family.name} model built "
+                                "from config.json has no place for it; check config.json matches the weights"
+                            )
+                        continue
+                    if canonical not in self.expected:
+                        raise HubquantError(f"unexpected tensor {hub_name} in {shard}; check config.json")
+                    self.where[canonical] = (shard, hub_name)
+        missing = sorted(set(self.expected) - set(self.where))
+        if missing:
+            raise HubquantError(f"tensor {family.to_hub(missing[0])} is missing from {folder}")
+
+    def group(self, layer: int | None) -> list[str]:
+        """Canonical names of one layer's tensors, or (None) of everything outside the layers."""
+        prefix = f"layers.{layer}."
+        if layer is None:
+            return [n for n in self.expected if not n.startswith("layers.")]
+        return [n for n in self.expected if n.startswith(prefix)]
+
+    def materialize(self, names: list[str]) -> None:
+        """Read `names` from their shards into the model (floating tensors cast to the base dtype)."""
+        from hubquant.models.checkpoint import _assign
+        from hubquant.models.safetensors_file import SafetensorsFile
+
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.where[name][0], []).append(name)
+        for shard, group in by_shard.items():
+            with SafetensorsFile(self.folder / shard) as f:
+                for name in group:
+                    placeholder = self.expected[name]
+                    hub_name = self.where[name][1]
+                    if f.shape(hub_name) != tuple(placeholder.shape):
+                        raise HubquantError(
+                            f"tensor {hub_name} in {shard} has shape {list(f.shape(hub_name))}, expected "
+                            f"{list(placeholder.shape)} from config.json; check config.json matches the weights"
+                        )
+                    tensor = f.read(hub_name)
+                    _assign(self.model, name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
+        if self.config.tie_embeddings:
+            self.model.tie_weights()
+
+    def release(self, layer: int | None) -> None:
+        """Drop a layer's (or the globals') tensors: back to the meta device."""
+        from hubquant.models.checkpoint import _assign
+        from hubquant.models.decoder import Block
+
+        if layer is None:  # embeddings and head: for a 70B model, gigabytes
+            for name in self.group(None):
+                _assign(self.model, name, self.expected[name])
+            if self.config.tie_embeddings:
+                self.model.tie_weights()
+        else:
+            with torch.device("meta"):
+                block = Block(self.config)
+            block.attn.layer_idx = layer
+            self.model.layers[layer] = block
+
+
+def _write_quantized(
+    streamer: _LayerStreamer, method: Method, tmp: Path, include_head: bool, progress: bool
+) -> QuantReport:
+    from tqdm.auto import tqdm
+
+    from hubquant.models.safetensors_file import SafetensorsWriter
+
+    model, family = streamer.model, streamer.family
+    report = new_report(method)
+    layers = len(model.layers)
+    # Plan every projection from its shape alone (meta tensors), so that the metadata every
+    # shard carries is known before the first weight is read.
+    plans: dict[str, dict[str, Any] | str] = {}
+    for layer in range(layers):
+        for target in _projections(model, layer):
+            plans[target.name] = method.plan(target.name, target.linear)
+    if include_head:
+        plans[HEAD] = method.plan(HEAD, model.lm_head)
+    weights = {}
+    for name, placeholder in streamer.expected.items():
+        module = name.rsplit(".", 1)[0]
+        plan = plans.get(module)
+        settings = plan if isinstance(plan, dict) and name.endswith(".weight") else None
+        weights[family.to_hub(name)] = (tuple(placeholder.shape), settings)
+    if include_head and model.config.tie_embeddings and isinstance(plans[HEAD], dict):
+        weights["lm_head.weight"] = (tuple(model.lm_head.weight.shape), plans[HEAD])
+    metadata = {"format": "pt", **method.hf_metadata(weights, streamer.dtype)}
+
+    groups: list[int | None] = [None, *range(layers)]
+    names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map: dict[str, str] = {}
+    total = 0
+    with torch.no_grad():
+        bar = tqdm(groups, desc=f"quantize {method.name}", disable=not progress)
+        for group, shard in zip(bar, names, strict=True):
+            canon = streamer.group(group)
+            streamer.materialize(canon)
+            tensors: dict[str, torch.Tensor] = {}
+            done: set[str] = set()
+            targets = list(_projections(model, group)) if group is not None else []
+            if group is None and include_head:
+                if model.config.tie_embeddings:
+                    model.lm_head.weight = nn.Parameter(
+                        model.embed.weight.detach().clone(), requires_grad=False
+                    )
+                targets.append(_Target(HEAD, model.lm_head))
+            for target in targets:
+                module, record = _quantize_one(method, target, runtime=False)
+                report.layers.append(record)
+                if module is None:
+                    continue
+                tensors.update(
+                    method.hf_tensors(module, family.to_hub(f"{target.name}.weight")[: -len(".weight")])
+                )
+                done.update(n for n in canon if n.startswith(f"{target.name}."))
+            for name in canon:
+                if name not in done:
+                    tensors[family.to_hub(name)] = getattr_tensor(model, name)
+            entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+            writer = SafetensorsWriter(tmp / shard, entries, metadata=metadata)
+            try:
+                for tensor in tensors.values():
+                    writer.write(tensor.contiguous().cpu())
+            finally:
+                writer.close(check=False)
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update(dict.fromkeys(tensors, shard))
+            del tensors
+            streamer.release(group)
+    streamer.weight_map, streamer.total_size = weight_map, total
+    return report
+
+
+def getattr_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(module), leaf).detach()
+
+
+def _write_metadata(
+    folder: Path,
+    tmp: Path,
+    hf_config: dict[str, Any],
+    method: Method,
+    report: QuantReport,
+    dtype: torch.dtype,
+    streamer: _LayerStreamer,
+    source: str | Path,
+) -> None:
+    import shutil
+
+    from hubquant.models.hub import OPTIONAL_FILES, SAFETENSORS_INDEX, SLOW_TOKENIZER_FILES
+
+    from .card import write_card
+
+    family = streamer.family
+    not_converted = [family.to_hub(f"{r.name}.weight")[: -len(".weight")] for r in report.skipped]
+    if all(r.name != HEAD for r in report.layers):  # the head stays in the base dtype too
+        not_converted.append(family.to_hub(f"{HEAD}.weight")[: -len(".weight")])
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = {**hf_config, "dtype": dtype_name, "torch_dtype": dtype_name}
+    config["quantization_config"] = method.hf_quantization_config(not_converted)
+    if any(r.name == HEAD and not r.skipped for r in report.layers):
+        config["tie_word_embeddings"] = False  # the quantized head is its own tensor now
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = {"metadata": {"total_size": streamer.total_size}, "weight_map": streamer.weight_map}
+    (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    for name in (*OPTIONAL_FILES, *SLOW_TOKENIZER_FILES):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, tmp / name)
+    write_card(tmp, base_model=str(source), base_config=hf_config, report=report, source_folder=folder)

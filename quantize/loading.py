@@ -1,0 +1,128 @@
+"""Load a quantized variant into the canonical decoder: quantized modules rebuilt as saved (never
+re-quantized), the rest streamed like any checkpoint, then each module repacked for its device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hubquant.errors import HubquantError
+
+from .base import LayerRecord, QuantReport, method_from_hf_config
+from .core import HEAD, _projections, _set, _Target
+
+
+def _targets(model: nn.Module, family: Any) -> dict[str, _Target]:
+    """Hub module prefix -> the projection (or head) it names."""
+    targets = {}
+    for layer in range(len(model.layers)):
+        for target in _projections(model, layer):
+            targets[family.to_hub(f"{target.name}.weight")[: -len(".weight")]] = target
+    targets[family.to_hub("lm_head.weight")[: -len(".weight")]] = _Target(HEAD, model.lm_head)
+    return targets
+
+
+def load_quantized(
+    model: nn.Module,
+    family: Any,
+    folder: Path,
+    hf_config: dict[str, Any],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    shards: dict[str, list[str] | None],
+    progress: bool = True,
+) -> QuantReport:
+    """Fill a meta-built `model` from a quantized checkpoint folder.
+
+    Args:
+        model: the canonical decoder on the meta device.
+        family: the checkpoint's family.
+        folder: the checkpoint folder.
+        hf_config: its config.json, with `quantization_config`.
+        dtype: base dtype of the unquantized tensors and of the activations.
+        device: where the model lives.
+        shards: `shard_files(folder)`.
+        progress: show a progress bar.
+
+    Returns:
+        The quantization report (also set as `model.quant_report`).
+    """
+    from hubquant.models.checkpoint import load_weights
+    from hubquant.models.safetensors_file import SafetensorsFile
+
+    method = method_from_hf_config(hf_config["quantization_config"])
+    keys: dict[str, str] = {}  # tensor name -> shard
+    metadata: dict[str, str] = {}
+    for shard in shards:
+        with SafetensorsFile(folder / shard) as f:
+            keys.update(dict.fromkeys(f.keys(), shard))
+            metadata.update(f.metadata or {})  # transformers merges the shards' metadata too
+    names = set(keys)
+    owned: dict[str, set[str]] = {}
+    for prefix in _targets(model, family):
+        mine = method.owns(prefix, names)
+        if mine:
+            owned[prefix] = mine
+    if not owned:
+        raise HubquantError(
+            f"{folder} says it is quantized ({method.name}) but holds no quantized tensors; re-create it"
+        )
+    targets = _targets(model, family)
+    provided = frozenset(
+        f"{targets[p].name}.{leaf}"
+        for p in owned
+        for leaf in ("weight", "bias")
+        if hasattr(targets[p].linear, leaf)
+    )
+    load_weights(
+        model,
+        family,
+        folder,
+        dtype=dtype,
+        device=device,
+        tie_embeddings=model.config.tie_embeddings and HEAD not in {targets[p].name for p in owned},
+        progress=progress,
+        shards=shards,
+        skip=frozenset().union(*owned.values()),
+        provided=provided,
+    )
+    by_shard: dict[str, list[tuple[str, str]]] = {}
+    for prefix, tensor_names in owned.items():
+        for name in tensor_names:
+            by_shard.setdefault(keys[name], []).append((prefix, name))
+    read: dict[str, dict[str, torch.Tensor]] = {p: {} for p in owned}
+    for shard, items in by_shard.items():
+        with SafetensorsFile(folder / shard) as f:
+            for prefix, name in items:
+                read[prefix][name] = f.read(name).to(device)
+    records = []
+    with torch.no_grad():
+        for prefix, tensors in read.items():
+            target = targets[prefix]
+            module = method.load_module(tensors, metadata, prefix, target.linear, dtype)
+            module = method.to_runtime(module)
+            _set(model, target.name, module)
+            shape = (target.linear.out_features, target.linear.in_features)
+            disk = sum(t.numel() * t.element_size() for n, t in tensors.items() if not n.endswith(".bias"))
+            records.append(LayerRecord(target.name, shape, {}, None, disk, method.runtime_bytes(module)))
+    report = _saved_report(folder) or QuantReport(method.name, method.settings, method.library, "", records)
+    model.quant_report = report
+    return report
+
+
+def _saved_report(folder: Path) -> QuantReport | None:
+    """The report `hubquant quantize` wrote beside the weights, if any."""
+    path = folder / "quantization_report.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in data.pop("layers", [])]
+        return QuantReport(**data, layers=layers)
+    except (ValueError, TypeError, KeyError):
+        raise HubquantError(f"{path} is not a hubquant quantization report; re-create the variant") from None

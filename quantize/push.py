@@ -1,0 +1,279 @@
+"""Push a quantized folder to the Hugging Face Hub in one commit.
+
+The folder is checked first (config.json with a quantization_config, README.md, safetensors), then
+the repo is created if missing, the branch too when one is asked for, and every file goes up in a
+single `create_commit`. (`upload_folder` is not used: with hf_xet installed it splits large uploads
+into several commits.) The card's loading snippets get the repo id in the copy that is uploaded;
+the local folder is not changed.
+
+The token comes from `HF_TOKEN` or the saved login, resolved by huggingface_hub. It is passed to
+huggingface_hub only: never printed, logged or written, and scrubbed from every error message.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from hubquant.errors import HubquantError
+
+from .card import CARD, REPORT, fill_repo_id, human_bytes, is_repo_id, read_front_matter
+
+# Never uploaded: hidden files and folders (.git, .cache/huggingface, editor files...).
+IGNORE = (".*", "*/.*")
+
+_LOGIN = "run `hf auth login` or set HF_TOKEN to a token with write access"
+
+
+def _files(folder: Path) -> list[tuple[str, Path]]:
+    """(path in the repo, local path) of every file to upload, sorted."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_file() and not any(fnmatch.fnmatch(relative, pattern) for pattern in IGNORE):
+            found.append((relative, path))
+    return found
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HubquantError(
+            f"{path} cannot be read as JSON ({error}); re-run `hubquant quantize --out`"
+        ) from None
+    if not isinstance(data, dict):
+        raise HubquantError(f"{path} is not a JSON object; re-run `hubquant quantize --out`")
+    return data
+
+
+def check_folder(folder: Path) -> tuple[str, str, list[tuple[str, Path]]]:
+    """Check that `folder` is a quantized variant ready to push.
+
+    Args:
+        folder: the folder `hubquant quantize --out` wrote.
+
+    Returns:
+        (the method, the base model, the files to upload as (path in repo, local path)).
+
+    Raises:
+        HubquantError: one line naming what is missing.
+    """
+    redo = "push a folder written by `hubquant quantize --out`"
+    if not folder.is_dir():
+        raise HubquantError(f"{folder} is not a folder; {redo}")
+    if not (folder / "config.json").is_file():
+        raise HubquantError(f"{folder} has no config.json; {redo}")
+    config = _read_json(folder / "config.json")
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or not quantization:
+        raise HubquantError(f"{folder}/config.json has no quantization_config: it is not quantized; {redo}")
+    if not (folder / CARD).is_file():
+        raise HubquantError(f"{folder} has no {CARD} (model card); {redo}")
+    files = _files(folder)
+    if not any(name.endswith(".safetensors") for name, _ in files):
+        raise HubquantError(f"{folder} has no .safetensors weights; {redo}")
+    report = _read_json(folder / REPORT) if (folder / REPORT).is_file() else {}
+    card = read_front_matter(folder / CARD)
+    method = report.get("method") or quantization.get("quant_method") or "quantized"
+    base = (
+        report.get("base_model") or card.get("base_model") or config.get("_name_or_path") or "a local model"
+    )
+    return str(method), str(base), files
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if not is_repo_id(repo_id):
+        raise HubquantError(
+            f"--repo-id '{repo_id}' is not a Hub model id: write it as ORG/NAME (letters, digits, '-', '_', '.')"
+        )
+
+
+def _card_bytes(folder: Path, repo_id: str) -> bytes:
+    return fill_repo_id((folder / CARD).read_text(encoding="utf-8"), repo_id).encode("utf-8")
+
+
+def dry_run_text(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None) -> str:
+    """What `push` would do, as text: the repo, the commit message, every file with its size, and
+    the model card as it would be uploaded. Contacts nothing.
+
+    Args:
+        folder: the quantized folder.
+        repo_id: the target repo (ORG/NAME).
+        private: whether the repo would be created private.
+        revision: the branch the commit would go to (default: main).
+    """
+    folder = Path(folder)
+    _check_repo_id(repo_id)
+    method, base, files = check_folder(folder)
+    card = _card_bytes(folder, repo_id)
+    sizes = {name: (len(card) if name == CARD else path.stat().st_size) for name, path in files}
+    width = max(len(human_bytes(size)) for size in sizes.values())
+    lines = [
+        f"dry run: nothing is sent. Would push {folder} to {repo_id} "
+        f"({'private' if private else 'public'} if created), branch {revision or 'main'}, in one commit:",
+        f"  {_commit_message(method, base)}",
+        f"{len(files)} files, {human_bytes(sum(sizes.values()))}:",
+        *(f"  {human_bytes(size):>{width}}  {name}" for name, size in sizes.items()),
+        "",
+        f"{CARD}:",
+        card.decode("utf-8").rstrip("\n"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _refuse_secrets(files: list[tuple[str, Path]], secrets: list[str]) -> None:
+    """Refuse to upload a small file (config, card, tokenizer...) that holds the Hub token."""
+    for name, path in files:
+        if name.endswith(".safetensors") or path.stat().st_size > 64 * 2**20:
+            continue
+        data = path.read_bytes()
+        if any(secret.encode() in data for secret in secrets):
+            raise HubquantError(f"{name} contains your Hub token; remove it from the file before pushing")
+
+
+def _commit_message(method: str, base: str) -> str:
+    return f"Add {method} quantization of {base} (hubquant)"
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of 'no connection' in the HTTP clients huggingface_hub may use."""
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests.exceptions", ("ConnectionError", "Timeout")),
+    ):
+        try:
+            imported = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        kinds += [getattr(imported, name) for name in names if hasattr(imported, name)]
+    return tuple(kinds)
+
+
+def _hub_error(error: BaseException, repo_id: str, revision: str | None, secrets: list[str]) -> HubquantError:
+    """One line for a failed Hub call: what happened and what to do."""
+    from huggingface_hub import errors
+
+    org = repo_id.split("/")[0]
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, errors.OfflineModeIsEnabled):
+        message = "HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and retry"
+    elif isinstance(error, errors.LocalTokenNotFoundError):
+        message = f"not logged in to the Hugging Face Hub; {_LOGIN}"
+    elif isinstance(error, errors.HfHubHTTPError) and status == 401:
+        message = (
+            f"the Hub refused the token (401: not logged in, or the token is invalid or expired); {_LOGIN}"
+        )
+    elif isinstance(error, errors.HfHubHTTPError) and status == 403:
+        message = (
+            f"no write access to '{org}' on the Hub (403); use a token with write permission for {org} "
+            f"(a member's write token for an organization), or push to your own namespace"
+        )
+    elif isinstance(error, errors.RevisionNotFoundError):
+        message = f"branch '{revision}' was not found in {repo_id} (404); check --revision"
+    elif isinstance(error, errors.HfHubHTTPError) and status == 404:
+        message = (
+            f"{repo_id} was not found on the Hub (404); check that the namespace '{org}' exists and --repo-id"
+        )
+    elif isinstance(error, errors.HfHubHTTPError):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = f"the Hub refused the push to {repo_id} ({status}): {first}"
+    elif isinstance(error, _network_errors()):
+        message = (
+            f"cannot reach the Hugging Face Hub (no connection: {type(error).__name__}); "
+            "check the network (or HF_ENDPOINT) and retry"
+        )
+    else:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        message = f"pushing to {repo_id} failed: {type(error).__name__}: {first}"
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return HubquantError(re.sub(r"\s+", " ", message))
+
+
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+    api: Any = None,
+    token: str | None = None,
+) -> str:
+    """Upload a quantized folder to the Hub in one commit, creating the repo (and branch) if missing.
+
+    Args:
+        folder: the folder `hubquant quantize --out` wrote (config.json with quantization_config,
+            README.md, safetensors).
+        repo_id: the target repo, ORG/NAME.
+        private: create the repo private. An existing public repo is refused rather than pushed to.
+        revision: the branch to commit to, created from main if missing (default: main).
+        dry_run: print the file list and the card, contact nothing, and return that text.
+        api: an `HfApi`-like object (default: `huggingface_hub.HfApi(token=token)`).
+        token: a Hub token (default: `HF_TOKEN` or the saved login, as huggingface_hub resolves it).
+
+    Returns:
+        The commit's URL (with `dry_run`: the text printed).
+
+    Raises:
+        HubquantError: one line for a bad folder or repo id, a missing login, 401, 403, 404 or no
+            connection.
+    """
+    folder = Path(folder).expanduser()
+    if dry_run:
+        text = dry_run_text(folder, repo_id, private=private, revision=revision)
+        print(text, end="")
+        return text
+    _check_repo_id(repo_id)
+    method, base, files = check_folder(folder)
+    import huggingface_hub
+    from huggingface_hub import CommitOperationAdd
+
+    # Kept to scrub error messages; never shown.
+    secrets = [secret for secret in (token, huggingface_hub.get_token()) if secret]
+    if api is None:
+        token = token or huggingface_hub.get_token()
+        if not token:
+            raise HubquantError(f"not logged in to the Hugging Face Hub; {_LOGIN}")
+        api = huggingface_hub.HfApi(token=token)
+        auth: dict[str, Any] = {}
+    else:
+        auth = {"token": token} if token else {}
+    _refuse_secrets(files, secrets)
+    message = _commit_message(method, base)
+    try:
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True, **auth)
+        if private and not getattr(
+            api.repo_info(repo_id=repo_id, repo_type="model", **auth), "private", True
+        ):
+            raise HubquantError(
+                f"{repo_id} already exists and is public, and --private does not change an existing repo; "
+                "make it private on the Hub first, or choose another --repo-id"
+            )
+        if revision:
+            api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True, **auth)
+        operations = [
+            CommitOperationAdd(name, _card_bytes(folder, repo_id) if name == CARD else str(path))
+            for name, path in files
+        ]
+        info = api.create_commit(
+            repo_id=repo_id,
+            repo_type="model",
+            operations=operations,
+            commit_message=message,
+            commit_description=f"{len(files)} files from {folder.name}, made with hubquant.",
+            revision=revision,
+            **auth,
+        )
+    except HubquantError:
+        raise
+    except Exception as error:
+        raise _hub_error(error, repo_id, revision, secrets) from error
+    url = getattr(info, "commit_url", None) or str(info)
+    return str(url)

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 from hubquant.errors import HubquantError
 
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
+    from hubquant import quantize
     from hubquant.models.config import ModelConfig
     from hubquant.models.decoder import Decoder, KVCache
     from hubquant.models.generate import generate
     from hubquant.models.loading import load
     from hubquant.models.tokenizer import Tokenizer
-    from hubquant import quantize
 
 __version__ = "0.1.0"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # Neither import pulls in torch: `--help`, `--version` and argument errors answer without it.
 # Commands import torch (and the rest) inside their own functions.
@@ -53,14 +54,26 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     from hubquant.evaluate.run import run_eval
 
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     run_eval(
         args.model,
-        revision=args.revision,
-        dtype=args.dtype,
-        device=args.device,
-        window=args.window,
+        variants=variants,
+        dataset=args.dataset,
+        ctx=args.ctx,
+        max_chunks=args.max_chunks,
+        ppl_method=args.ppl_method,
         stride=args.stride,
         max_tokens=args.max_tokens,
+        dtype=args.dtype,
+        tasks=tasks,
+        speed=not args.no_speed,
+        device=args.device or "auto",
+        out=args.out,
+        force=args.force,
+        max_kld=args.max_kld,
+        min_top1=args.min_top1,
+        revision=args.revision,
     )
 
 
@@ -107,6 +120,19 @@ def _cmd_push(args: argparse.Namespace) -> None:
         print(f"pushed {args.folder} to {args.repo_id}: {url}")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from hubquant.reports import compare
+
+    if args.out is None:
+        if len(args.results) > 1:
+            raise HubquantError("several results files need --out DIR: where to write the combined report")
+        only = Path(args.results[0])
+        args.out = only if only.is_dir() else only.parent
+    csv_path, html_path = compare(args.results, args.out)
+    print(f"wrote {csv_path}")
+    print(f"wrote {html_path}")
+
+
 def _device_defaults(device: str | None) -> tuple[str, str]:
     """The device to run on and its natural dtype: bf16 on a GPU; fp32 on a CPU, where bf16
     matrix products are slower and only approximate the checkpoint's own precision."""
@@ -117,7 +143,7 @@ def _device_defaults(device: str | None) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: `generate`, `convert`, `eval`, `quantize` and `push`, each with its options."""
+    """The command line: `generate`, `convert`, `eval`, `quantize`, `push` and `report`, each with its options."""
     parser = argparse.ArgumentParser(prog="hubquant", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -143,10 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="measure a checkpoint (default: the embedded SmolLM2-135M)")
     ev.add_argument("model", nargs="?", default=None, help="Hub repo id or folder; empty: embedded default")
-    ev.add_argument("--window", type=int, default=512, help="perplexity window, tokens")
-    ev.add_argument("--stride", type=int, default=256, help="perplexity stride, tokens")
-    ev.add_argument("--max-tokens", type=int, default=4096, help="text tokens to score")
-    ev.set_defaults(func=_cmd_eval)
+    ev.add_argument("--variants", default=None, help="comma-separated: base,int4,nf4,int8,fp8,gguf:PATH "
+                    "(default base,int4,nf4,int8)")  # fmt: skip
+    ev.add_argument("--dataset", default="python-docs", help="python-docs, wikitext2 or a .txt file")
+    ev.add_argument("--ctx", type=int, default=512, help="tokens per window")
+    ev.add_argument("--max-chunks", type=int, default=None, help="score at most N windows")
+    ev.add_argument("--ppl-method", choices=("chunks", "sliding"), default="chunks",
+                    help="chunks: llama.cpp's (second half of each window); sliding: transformers' guide")  # fmt: skip
+    ev.add_argument("--stride", type=int, default=None, help="sliding only: tokens between windows")
+    ev.add_argument("--max-tokens", type=int, default=None, help="use only the text's first N tokens")
+    ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, scored per variant")
+    ev.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    ev.add_argument("--out", default=None, help="results folder (default results/<org>__<name>)")
+    ev.add_argument("--force", action="store_true", help="start over even if OUT holds results")
+    ev.add_argument("--max-kld", type=float, default=0.05, help="verdict budget: mean KLD, nats")
+    ev.add_argument("--min-top1", type=float, default=0.90, help="verdict budget: top-1 agreement, 0..1")
+    ev.set_defaults(func=_cmd_eval, dtype_default="bf16")
 
     quant = sub.add_parser("quantize", help="quantize a checkpoint (int4, nf4, int8, fp8)")
     quant.add_argument("model", help="Hub repo id or local checkpoint folder")
@@ -179,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dry-run", action="store_true", help="print the files and the card; contact nothing")
     up.set_defaults(func=_cmd_push)
 
+    rep = sub.add_parser("report", help="CSV and HTML report of one or more `hubquant eval` runs")
+    rep.add_argument("results", nargs="+", help="results.json files (or the folders holding them)")
+    rep.add_argument(
+        "--out", default=None, help="folder for report.csv and report.html (default: beside a single results)"
+    )
+    rep.set_defaults(func=_cmd_report)
+
     for p in (gen, conv, ev):
         p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
         p.add_argument(
@@ -201,7 +246,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.device, default_dtype = _device_defaults(args.device)
     else:
         default_dtype = "bf16"  # convert's output
-    args.dtype = args.dtype or default_dtype
+    # eval: bf16 everywhere, the activations the quantized variants run with (int4's CPU kernel too).
+    args.dtype = args.dtype or getattr(args, "dtype_default", None) or default_dtype
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,121 +1,378 @@
-"""`hubquant eval`: load a checkpoint (default: the embedded SmolLM2) and measure it.
+"""`hubquant eval`: from a Hub id (or folder) to the results a team decides from.
 
-For now it measures the unquantized model: load time, perplexity on CPython's documentation text,
-and greedy decoding speed. Quantized variants, agreement, lm-eval scores and the CSV/HTML report
-build on this in the issues that follow.
+For each variant (the base model in `--dtype`, each quantize method with its defaults, and
+`gguf:PATH` for a llama.cpp quant of the same model), one after another:
+
+    make it (quantize_checkpoint / convert, streamed, into OUT/variants/NAME, as it would ship)
+      -> load it as any checkpoint is loaded
+      -> score it on the same windows as the base: perplexity, and KL divergence, top-1 agreement
+         and the change in the correct token's probability against the base's forward
+      -> speed (prefill, decode, time to first token) and memory (disk, weights, peak RSS, load)
+      -> one row of results.json, written atomically as soon as the variant is done
+
+Only the base and one variant are resident at a time. A rerun with the same settings skips the
+variants already in results.json; Ctrl-C keeps every finished row. CSV and HTML reports are views
+of results.json (`hubquant.reports`).
 """
 
 from __future__ import annotations
 
+import gc
+import platform
 import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from hubquant.errors import HubquantError
-from hubquant.models import load
-from hubquant.models.config import torch_dtype
-from hubquant.models.hub import resolve
 
-from .perplexity import perplexity, pydoc_text
+from .data import load_text
+from .results import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, SCHEMA_VERSION, Row, verdict, write_results
+from .scoring import score, windows
 
-PROMPT = "The three most useful Python built-in functions are"
-CHARS_PER_TOKEN = 8  # text taken per requested token: ample for any tokenizer on English prose
+QUANT_VARIANTS = ("int4", "nf4", "int8", "fp8")
+DEFAULT_VARIANTS = ("base", "int4", "nf4", "int8")
+# The embedded default model is judged on fewer windows, so that `make eval` ends in minutes.
+DEFAULT_MODEL_CHUNKS = 16
 
 
-def eval_ids(tokenizer: Any, max_tokens: int) -> torch.Tensor:
-    """The token ids perplexity is measured on: the first `max_tokens` tokens of CPython's pydoc
-    topics text, encoded with special tokens (bos where the tokenizer adds one).
+def _check_variants(variants: list[str]) -> None:
+    for v in variants:
+        if v == "base" or v in QUANT_VARIANTS:
+            continue
+        if v.startswith("gguf:"):
+            path = Path(v[5:]).expanduser()
+            if not path.is_file():
+                raise HubquantError(f"variant {v}: GGUF file {path} not found; check the path")
+            continue
+        known = ", ".join(("base", *QUANT_VARIANTS, "gguf:PATH"))
+        raise HubquantError(f"variant '{v}' is unknown; use any of {known}")
+    if len(set(variants)) != len(variants):
+        raise HubquantError("--variants names a variant twice; name each once")
 
-    Args:
-        tokenizer: anything with `encode(text) -> list[int]`.
-        max_tokens: how many tokens to keep.
-    """
-    text = pydoc_text()[: max_tokens * CHARS_PER_TOKEN]
-    return torch.tensor(tokenizer.encode(text)[:max_tokens])
+
+def _check_settings(
+    ctx: int,
+    ppl_method: str,
+    stride: int | None,
+    max_chunks: int | None,
+    max_tokens: int | None,
+    max_kld: float,
+    min_top1: float,
+) -> None:
+    """The flags checked before anything is downloaded or loaded; messages name the flag."""
+    if ctx < 4:
+        raise HubquantError(f"--ctx {ctx}: a window needs at least 4 tokens")
+    if stride is not None and ppl_method != "sliding":
+        raise HubquantError(f"--stride {stride} applies to --ppl-method sliding only")
+    if stride is not None and not 1 <= stride <= ctx:
+        raise HubquantError(f"--stride {stride} must be between 1 and --ctx ({ctx})")
+    if max_chunks is not None and max_chunks < 1:
+        raise HubquantError(f"--max-chunks {max_chunks}: score at least 1 window")
+    if max_tokens is not None and max_tokens < 4:
+        raise HubquantError(f"--max-tokens {max_tokens}: perplexity needs at least 4 tokens")
+    if max_kld < 0 or not 0 <= min_top1 <= 1:
+        raise HubquantError(f"--max-kld {max_kld} --min-top1 {min_top1}: KLD must be >= 0, top-1 in 0..1")
+
+
+def _default_out(name: str) -> Path:
+    return Path("results") / name.strip("/").replace("/", "__")
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for package in ("hubquant", "torch", "torchao", "bitsandbytes", "transformers", "lm_eval"):
+        try:
+            out[package] = version(package.replace("_", "-"))
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = dict(_versions())
+    env.update(device=device.type, threads=torch.get_num_threads(), python=platform.python_version())
+    env["device_name"] = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    return env
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def run_eval(
-    model_source: str | None,
+    model_source: str | None = None,
     *,
+    variants: list[str] | None = None,
+    dataset: str = "python-docs",
+    ctx: int = 512,
+    max_chunks: int | None = None,
+    ppl_method: str = "chunks",
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    dtype: str = "bf16",
+    tasks: list[str] | None = None,
+    speed: bool = True,
+    device: str = "auto",
+    out: str | Path | None = None,
+    force: bool = False,
+    max_kld: float = DEFAULT_MAX_KLD,
+    min_top1: float = DEFAULT_MIN_TOP1,
     revision: str | None = None,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    window: int = 512,
-    stride: int = 256,
-    max_tokens: int = 4096,
     progress: bool = True,
-) -> dict[str, float]:
-    """Load `model_source`, print its figures, each with its method, and return them.
+) -> dict[str, Any]:
+    """Measure a model and its quantized variants; write results.json, report.csv, report.html.
 
     Args:
-        model_source: a Hub repo id or a local folder; None: the embedded SmolLM2-135M-Instruct.
+        model_source: a Hub repo id or local folder; None: the embedded SmolLM2-135M-Instruct.
+        variants: "base", quantize methods ("int4", "nf4", "int8", "fp8"), "gguf:PATH".
+        dataset: "python-docs", "wikitext2" or a .txt path.
+        ctx: tokens per window.
+        max_chunks: score at most this many windows (default: all; 16 for the embedded model).
+        ppl_method: "chunks" (llama.cpp's) or "sliding" (transformers' guide).
+        stride: `sliding` only: tokens between windows (default ctx // 2).
+        max_tokens: use only the text's first `max_tokens` tokens.
+        dtype: the base model's dtype and the activations' of every variant ("bf16", "fp32").
+        tasks: lm-eval task names, scored per variant.
+        speed: measure prefill/decode speed.
+        device: "auto" (cuda when available), "cpu", "cuda", "cuda:N".
+        out: the results folder (default results/<org>__<name>).
+        force: start over even if OUT holds results (of these or other settings).
+        max_kld, min_top1: the quality budget of the verdict.
         revision: Hub branch, tag or commit.
-        dtype: "bf16", "fp16" or "fp32".
-        device: where the model runs.
-        window: perplexity window, tokens.
-        stride: tokens between perplexity windows (1..window).
-        max_tokens: text tokens to measure perplexity on.
         progress: show progress bars.
 
     Returns:
-        `load_s`, `perplexity`, `nll` (nats per scored token), `tokens` (scored), `windows`,
-        `decode_tok_s`.
+        The results (as written to OUT/results.json).
     """
-    # Cheap checks first, so that a typo fails before minutes of downloading and loading.
-    # (perplexity() checks window and stride again; here the message names the flags.)
-    if window < 2 or not 1 <= stride <= window:
-        raise HubquantError(
-            f"--window {window} --stride {stride}: the window must be 2 or more tokens and the "
-            "stride between 1 and the window"
-        )
-    if max_tokens < 2:
-        raise HubquantError(f"--max-tokens {max_tokens}: perplexity needs 2 tokens or more")
-    torch_dtype(dtype)
+    from hubquant.models.config import torch_dtype
+    from hubquant.models.loading import torch_device
+
+    variants = list(variants or DEFAULT_VARIANTS)
+    _check_variants(variants)
+    _check_settings(ctx, ppl_method, stride, max_chunks, max_tokens, max_kld, min_top1)
+    target_dtype = torch_dtype(dtype)
+    dev = torch_device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    if tasks:
+        from .lm_eval import check_tasks  # noqa: F401 - fails early when lm-eval is missing
+
+    text = load_text(dataset)
     if model_source is None:
         from hubquant.convert import DEFAULT_MODEL_NAME, default_model
 
-        folder, name = default_model(), DEFAULT_MODEL_NAME
+        folder, model_id = default_model(), DEFAULT_MODEL_NAME
+        out_path = Path(out) if out else _default_out("SmolLM2-135M-Instruct")
+        max_chunks = DEFAULT_MODEL_CHUNKS if max_chunks is None else max_chunks
     else:
-        folder, name = resolve(model_source, revision), model_source
+        from hubquant.models.hub import resolve
+
+        folder, model_id = resolve(model_source, revision), str(model_source)
+        out_path = (
+            Path(out)
+            if out
+            else _default_out(
+                Path(str(model_source)).name if Path(str(model_source)).is_dir() else str(model_source)
+            )
+        )
     if not (folder / "tokenizer.json").is_file():
         raise HubquantError(
-            f"{name} ships no tokenizer.json; evaluation needs its tokenizer "
+            f"{model_id} ships no tokenizer.json; evaluation needs its tokenizer "
             "(convert a checkpoint that has one, or add its tokenizer.json to the folder)"
         )
+    out_path = out_path.expanduser().absolute()
 
+    from hubquant.models import load
+    from hubquant.models.checkpoint import read_config
+    from hubquant.models.families import family_for
+
+    family = family_for(read_config(folder))
     start = time.perf_counter()
-    model, tokenizer = load(folder, dtype=torch_dtype(dtype), device=device, progress=progress)
-    load_s = time.perf_counter() - start
-    assert tokenizer is not None  # tokenizer.json is there
+    base, tokenizer = load(folder, dtype=target_dtype, device=dev, progress=progress)
+    base_load_s = time.perf_counter() - start
+    assert tokenizer is not None
 
-    ids = eval_ids(tokenizer, max_tokens)
-    ppl = perplexity(model, ids, window=window, stride=stride, progress=progress)
-
-    prompt = torch.tensor([tokenizer.encode(PROMPT)], device=device)
-    model.generate(prompt, max_new_tokens=4, eos_ids=[])  # warm-up, left out of the figure
-    start = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=32, eos_ids=[])
-    decode_s = time.perf_counter() - start
-    new = out.shape[1] - prompt.shape[1]
-
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model      {name}  ({dtype}, {device}, {params:.1f}M params)")
-    print(f"load       {load_s:.2f} s  (hubquant.load wall time, files already local, one run)")
-    print(
-        f"perplexity {ppl.perplexity:.3f}  (CPython pydoc topics text, first {ids.numel()} tokens; "
-        f"{ppl.method()})"
-    )
-    print(
-        f"generate   {new / decode_s:.1f} tokens/s  (greedy, batch 1, {new} new tokens after a "
-        f"{prompt.shape[1]}-token prompt, one run after warm-up)"
-    )
-    print(f"sample     {PROMPT}{tokenizer.decode(out[0, prompt.shape[1] :])!r}")
-    return {
-        "load_s": load_s,
-        "perplexity": ppl.perplexity,
-        "nll": ppl.nll,
-        "tokens": ppl.tokens,
-        "windows": ppl.windows,
-        "decode_tok_s": new / decode_s,
+    ids = torch.tensor(tokenizer.encode(text.text, add_special_tokens=False))
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    bos_id, bos_note = _bos(tokenizer, family)
+    if ppl_method == "sliding" and bos_id is not None:
+        ids = torch.cat([torch.tensor([bos_id]), ids])
+    wins = windows(ids, method=ppl_method, ctx=ctx, stride=stride, max_chunks=max_chunks,
+                   bos_id=bos_id if ppl_method == "chunks" else None)  # fmt: skip
+    scored = sum(w.ids.numel() - w.first for w in wins)
+    method = {
+        "ppl_method": ppl_method, "ctx": ctx, "stride": stride if ppl_method == "sliding" else None,
+        "windows": len(wins), "max_chunks": max_chunks, "max_tokens": max_tokens, "tokens_scored": scored,
+        "bos": bos_note, "dtype": dtype, "log_softmax": "fp32", "speed_runs": 3 if speed else 0,
+        "decode_tokens": 128, "kld": "KL(base || variant), base forward recomputed per variant",
+    }  # fmt: skip
+    header = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {
+            "id": model_id,
+            "commit": folder.name if len(folder.name) == 40 else None,
+            "family": family.name,
+        },
+        "dataset": {"name": text.name, "sha256": text.sha256, "chars": len(text.text)},
+        "method": method,
+        "environment": _environment(dev),
+        "budget": {"max_kld": max_kld, "min_top1": min_top1},
     }
+    results_path = out_path / "results.json"
+    rows = _resume(results_path, header, force)
+    done = {r.variant for r in rows}
+
+    def save() -> dict[str, Any]:
+        results = {**header, "rows": [asdict(r) for r in rows], "verdict": verdict(rows, max_kld, min_top1)}
+        results["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        write_results(results_path, results)
+        return results
+
+    print(f"hubquant eval {model_id}: {len(wins)} windows of {ctx} tokens ({ppl_method}), {scored} tokens scored; "
+          f"{text.name} sha256 {text.sha256[:12]}; {dtype} on {dev}; BOS {bos_note}")  # fmt: skip
+    results = save()
+    for variant in variants:
+        if variant in done:
+            print(f"{variant:10} already in {results_path}; skipped (use --force to redo)")
+            continue
+        row = _measure(
+            variant, base, base_load_s, folder, out_path, wins, target_dtype, dev, speed, tasks, progress
+        )
+        rows.append(row)
+        results = save()
+        print(_line(row))
+    _write_reports(results, out_path)
+    print(results["verdict"]["text"])
+    print(f"results: {results_path}")
+    return results
+
+
+def _bos(tokenizer: Any, family: Any) -> tuple[int | None, str]:
+    """The BOS to put first in each window, and what was done about it (said in the report)."""
+    if tokenizer.add_bos and tokenizer.bos_id is not None:
+        return tokenizer.bos_id, f"prepended (id {tokenizer.bos_id}), as the tokenizer does"
+    if getattr(family, "bos_required", False) and tokenizer.bos_id is not None:
+        return tokenizer.bos_id, (
+            f"fixed: the tokenizer does not prepend BOS, which {family.name} models need; "
+            f"prepended (id {tokenizer.bos_id})"
+        )
+    return None, "none (the tokenizer adds none)"
+
+
+def _resume(path: Path, header: dict[str, Any], force: bool) -> list[Row]:
+    """The rows of an earlier run with the same settings; none with --force."""
+    from .results import read_results, rows_of
+
+    if force or not path.is_file():
+        return []
+    old = read_results(path)
+    same = all(old.get(key) == header[key] for key in ("model", "dataset", "method", "budget"))
+    if not same:
+        raise HubquantError(
+            f"{path} holds results made with other settings; pass --force to start over, or another --out"
+        )
+    return rows_of(old)
+
+
+def _measure(
+    variant: str,
+    base: torch.nn.Module,
+    base_load_s: float,
+    folder: Path,
+    out: Path,
+    wins: list,
+    dtype: torch.dtype,
+    device: torch.device,
+    speed: bool,
+    tasks: list[str] | None,
+    progress: bool,
+) -> Row:
+    from hubquant.models import load
+
+    from .speed import measure_speed, peak_rss_bytes, reset_peak_rss, weight_bytes
+
+    row = Row(variant)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+    if variant == "base":
+        model, vfolder, row.load_s = base, folder, base_load_s
+        row.method_settings = {"dtype": str(dtype).removeprefix("torch.")}
+    else:
+        vfolder = _make_variant(variant, folder, out, progress)
+        start = time.perf_counter()
+        model, _ = load(vfolder, dtype=dtype, device=device, progress=progress)
+        row.load_s = time.perf_counter() - start
+        report = getattr(model, "quant_report", None)
+        if report is not None:
+            row.method_settings = {"method": report.method, "library": report.library, **report.settings}
+            row.skipped_layers = len(report.skipped)
+        else:
+            row.method_settings = {"source": variant}
+    s = score(model, wins, base=base, device=device, progress=progress, desc=f"score {variant}").summary()
+    for key, value in s.items():
+        setattr(row, key, value)
+    if speed:
+        for key, value in measure_speed(model, vocab_size=model.config.vocab_size, device=device).items():
+            setattr(row, key, value)
+    if tasks:
+        from .lm_eval import run_tasks
+
+        row.tasks = run_tasks(model, tasks)
+    row.disk_bytes = _folder_bytes(vfolder)
+    row.weight_bytes = weight_bytes(model)
+    row.peak_rss_bytes = peak_rss_bytes()
+    if device.type == "cuda":
+        row.cuda_peak_allocated_bytes = torch.cuda.max_memory_allocated(device)
+        row.cuda_peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
+    if model is not base:
+        del model
+        gc.collect()
+    return row
+
+
+def _make_variant(variant: str, folder: Path, out: Path, progress: bool) -> Path:
+    """The variant's folder under OUT/variants, made (streamed) unless already complete there."""
+    if variant.startswith("gguf:"):
+        from hubquant.convert import convert
+
+        source = Path(variant[5:]).expanduser()
+        target = out / "variants" / f"gguf-{source.stem}"
+        if not (target / "config.json").is_file():
+            convert(source, target, dtype="bf16", force=True, progress=progress)
+        return target
+    from hubquant.quantize.core import quantize_checkpoint
+
+    target = out / "variants" / variant
+    if not (target / "config.json").is_file():  # folders appear only when complete
+        quantize_checkpoint(folder, target, variant, force=True, progress=progress)
+    return target
+
+
+def _line(row: Row) -> str:
+    def f(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    return (
+        f"{row.variant:10} ppl {f(row.ppl, '.3f')} ± {f(row.ppl_err, '.3f')}  KLD {f(row.kld_mean, '.5f')} nats  "
+        f"top-1 {f(row.top1_agreement and row.top1_agreement * 100, '.1f')}%  "
+        f"decode {f(row.decode_tok_s, '.1f')} tok/s  disk {f(row.disk_bytes and row.disk_bytes / 1e6, '.1f')} MB"
+    )
+
+
+def _write_reports(results: dict[str, Any], out: Path) -> None:
+    try:
+        from hubquant.reports import write_report
+    except ImportError:  # the reports package is optional for the figures themselves
+        return
+    write_report(results, out)

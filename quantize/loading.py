@@ -4,6 +4,7 @@ re-quantized), the rest streamed like any checkpoint, then each module repacked 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,13 @@ def load_quantized(
             shape = (target.linear.out_features, target.linear.in_features)
             disk = sum(t.numel() * t.element_size() for n, t in tensors.items() if not n.endswith(".bias"))
             records.append(LayerRecord(target.name, shape, {}, None, disk, method.runtime_bytes(module)))
-    report = _saved_report(folder) or QuantReport(method.name, method.settings, method.library, "", records)
+    report = _saved_report(folder)
+    if report is None:
+        report = QuantReport(method.name, method.settings, method.library, "", records)
+    else:  # the saved report knows the settings; the runtime bytes are this device's
+        measured = {r.name: r.runtime_bytes for r in records}
+        for layer in report.layers:
+            layer.runtime_bytes = measured.get(layer.name, layer.runtime_bytes)
     model.quant_report = report
     return report
 
@@ -123,6 +130,7 @@ def _saved_report(folder: Path) -> QuantReport | None:
     try:
         data = json.loads(path.read_text())
         layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in data.pop("layers", [])]
-        return QuantReport(**data, layers=layers)
+        known = {f.name for f in fields(QuantReport)} - {"layers"}  # the card adds base_model
+        return QuantReport(**{k: v for k, v in data.items() if k in known}, layers=layers)
     except (ValueError, TypeError, KeyError):
         raise HubquantError(f"{path} is not a hubquant quantization report; re-create the variant") from None

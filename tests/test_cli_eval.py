@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,36 +46,31 @@ def transformers_sliding_perplexity(
     return math.exp(total_nll / scored), scored
 
 
-def test_eval_prints_the_perplexity_transformers_computes(smollm2_folder: Path, capsys) -> None:
-    args = ["eval", str(smollm2_folder), "--max-tokens", str(MAX_TOKENS)]
-    args += ["--window", str(WINDOW), "--stride", str(STRIDE), "--device", "cpu"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    assert set(lines) == {"model", "load", "perplexity", "generate", "sample"}, out
+def test_eval_perplexity_equals_transformers(smollm2_folder: Path, tmp_path: Path, capsys) -> None:
+    """`hubquant eval --ppl-method sliding` writes the perplexity transformers computes on the same
+    windows, with its method beside it in results.json."""
+    import json
 
-    # Every figure comes with its method.
-    assert re.fullmatch(r"model +\S+ +\(fp32, cpu, 134\.5M params\)", lines["model"]), lines["model"]
-    assert re.fullmatch(r"load +\d+\.\d\d s +\(.+\)", lines["load"]), lines["load"]
-    match = re.fullmatch(r"perplexity +(\d+\.\d+) +\((.+)\)", lines["perplexity"])
-    assert match, lines["perplexity"]
+    out = tmp_path / "out"
+    args = ["eval", str(smollm2_folder), "--variants", "base", "--ppl-method", "sliding"]
+    args += ["--max-tokens", str(MAX_TOKENS), "--ctx", str(WINDOW), "--stride", str(STRIDE)]
+    args += ["--no-speed", "--device", "cpu", "--dtype", "fp32", "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["rows"]
     want, scored = transformers_sliding_perplexity(smollm2_folder, MAX_TOKENS, WINDOW, STRIDE)
     assert scored == MAX_TOKENS - 1  # every token after the first, once
-    method = match.group(2)
-    windows = math.ceil((MAX_TOKENS - WINDOW) / STRIDE) + 1
-    for part in (
-        f"first {MAX_TOKENS} tokens",
-        f"{scored} tokens scored",
-        f"window {WINDOW}",
-        f"stride {STRIDE}",
-    ):
-        assert part in method, method
-    assert f"{windows} windows" in method, method
-    assert float(match.group(1)) == pytest.approx(want, rel=1e-3)
+    method = results["method"]
+    assert (method["ppl_method"], method["ctx"], method["stride"]) == ("sliding", WINDOW, STRIDE)
+    assert method["tokens_scored"] == scored
+    assert method["windows"] == math.ceil((MAX_TOKENS - WINDOW) / STRIDE) + 1
+    assert row["ppl"] == pytest.approx(want, rel=1e-3)
+    assert row["kld_mean"] == 0 and row["top1_agreement"] == 1  # the base against itself
     assert 1.0 < want < 100.0  # a real model on real text
-    assert re.fullmatch(
-        r"generate +\d+\.\d tokens/s +\(greedy, batch 1, 32 new tokens.+\)", lines["generate"]
-    )
+    assert results["dataset"]["name"] == "python-docs" and len(results["dataset"]["sha256"]) == 64
+    assert (out / "report.html").is_file() or "hubquant.reports" not in sys.modules
+    printed = capsys.readouterr().out
+    assert "ppl" in printed and "results:" in printed
 
 
 @pytest.fixture
@@ -103,10 +98,14 @@ def test_eval_without_tokenizer_is_one_error_line(no_tokenizer_folder: Path, cap
 @pytest.mark.parametrize(
     "flags,named",
     [
-        (["--stride", "0"], "--stride 0"),
-        (["--window", "16", "--stride", "32"], "--stride 32"),
-        (["--window", "1", "--stride", "1"], "--window 1"),
+        (["--ppl-method", "sliding", "--stride", "0"], "--stride 0"),
+        (["--ppl-method", "sliding", "--ctx", "16", "--stride", "32"], "--stride 32"),
+        (["--stride", "8"], "--stride 8"),  # chunks take no stride
+        (["--ctx", "1"], "--ctx 1"),
         (["--max-tokens", "1"], "--max-tokens 1"),
+        (["--max-chunks", "0"], "--max-chunks 0"),
+        (["--variants", "base,int3"], "int3"),
+        (["--variants", "gguf:/nonexistent.gguf"], "/nonexistent.gguf"),
     ],
 )
 def test_eval_bad_settings_are_one_error_line_before_loading(

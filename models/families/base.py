@@ -157,6 +157,9 @@ class Family:
     defaults: ClassVar[dict[str, Any]] = {}
     default_rope: ClassVar[dict[str, Any] | None] = None  # RoPE dict when config.json has none
     default_rotary_fraction: ClassVar[float] = 1.0
+    # Trained with BOS first in every sequence, whether or not the tokenizer adds it (Gemma: its
+    # scores collapse without it); evaluation puts it there and says so.
+    bos_required: ClassVar[bool] = False
 
     # -- GGUF (llama.cpp) side ------------------------------------------------------------
     gguf_arch: ClassVar[str | None] = None  # llama.cpp's `general.architecture`, if it has one

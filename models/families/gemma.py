@@ -38,6 +38,7 @@ class Gemma(Llama):
         "rope_theta": 10000.0,
         "attention_bias": False,
     }
+    bos_required = True
     gguf_arch = "gemma"
     gguf_permute_qk = False
     gguf_norm_offset = 1.0

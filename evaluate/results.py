@@ -1,0 +1,148 @@
+"""`results.json`: the one record of an evaluation run. CSV, HTML, the model card's table and
+`hubquant report` are pure functions of it; nothing in a report is computed twice.
+
+Layout (schema version 1):
+
+    {
+      "schema_version": 1,
+      "model": {"id": "swiss-ai/Apertus-8B", "commit": "abc123..." | null, "family": "apertus"},
+      "dataset": {"name": "python-docs", "sha256": "<hash of the text>", "chars": 1234567},
+      "method": {"ppl_method": "chunks", "ctx": 512, "stride": null, "max_chunks": 64,
+                 "tokens_scored": 16384, "bos": "prepended" | "none" | "fixed: ...",
+                 "dtype": "bf16", "speed_runs": 3, "decode_tokens": 128},
+      "environment": {"hubquant": "0.1.0", "torch": "2.13.0", "torchao": "...", "bitsandbytes": "...",
+                      "transformers": null, "device": "cpu", "device_name": "...", "threads": 2,
+                      "python": "3.11.7"},
+      "budget": {"max_kld": 0.05, "min_top1": 0.90},
+      "rows": [Row, ...],            # one per variant, in the order they were measured
+      "verdict": {"variant": "int4" | null, "text": "..."},
+      "created": "2026-11-22T03:00:00Z"
+    }
+
+A row (`Row` below) holds every figure of one variant with the settings that made it; a figure
+that was not measured is null, never made up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+DEFAULT_MAX_KLD = 0.05
+DEFAULT_MIN_TOP1 = 0.90
+
+
+@dataclass
+class Row:
+    """One variant's figures. Units: perplexity and KLD in nats per token, agreement as a fraction
+    0..1, speeds in tokens/s, times in seconds, sizes in bytes."""
+
+    variant: str  # "base", "int4", "nf4", "int8", "fp8", "gguf:Q4_K_M"...
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    ppl: float | None = None
+    ppl_err: float | None = None  # standard error of the perplexity
+    nll: float | None = None  # mean negative log-likelihood, nats/token
+    kld_mean: float | None = None  # KL(base || variant), nats/token, mean over scored tokens
+    kld_err: float | None = None  # standard error of kld_mean
+    kld_median: float | None = None
+    kld_p99: float | None = None
+    kld_max: float | None = None
+    top1_agreement: float | None = None  # fraction of scored tokens with the same argmax as base
+    dp_rms: float | None = None  # RMS change of the correct token's probability
+    prefill_tok_s: float | None = None
+    prefill_sd: float | None = None
+    decode_tok_s: float | None = None
+    decode_sd: float | None = None
+    ttft_s: float | None = None  # time to first token
+    disk_bytes: int | None = None
+    weight_bytes: int | None = None  # runtime bytes of the weights
+    peak_rss_bytes: int | None = None
+    cuda_peak_allocated_bytes: int | None = None
+    cuda_peak_reserved_bytes: int | None = None
+    load_s: float | None = None
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
+    skipped_layers: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Row:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def verdict(
+    rows: list[Row], max_kld: float = DEFAULT_MAX_KLD, min_top1: float = DEFAULT_MIN_TOP1
+) -> dict[str, Any]:
+    """The smallest variant (by disk bytes, else runtime bytes) within the quality budget, or a
+    plain statement that none is. The base model is not a candidate: the question is which
+    quantized variant to ship."""
+    candidates = [
+        r
+        for r in rows
+        if r.variant != "base"
+        and r.kld_mean is not None
+        and r.top1_agreement is not None
+        and r.kld_mean <= max_kld
+        and r.top1_agreement >= min_top1
+    ]
+    budget = f"mean KLD <= {max_kld:g} nats and top-1 agreement >= {min_top1:.0%}"
+
+    def size(r: Row) -> float:
+        return r.disk_bytes or r.weight_bytes or math.inf
+
+    if not candidates:
+        measured = [r.variant for r in rows if r.variant != "base"]
+        if not measured:
+            return {"variant": None, "text": "No quantized variant was measured."}
+        return {"variant": None, "text": f"No variant is within the budget ({budget}); ship the base model."}
+    best = min(candidates, key=size)
+    return {
+        "variant": best.variant,
+        "text": f"Ship {best.variant}: the smallest variant within the budget ({budget}): "
+        f"mean KLD {best.kld_mean:.4f}, top-1 agreement {best.top1_agreement:.1%}.",
+    }
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """Write `results` atomically: a temporary file beside `path`, renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json, checked for its schema version (one-line errors)."""
+    from hubquant.errors import HubquantError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise HubquantError(f"{path} not found; pass the results.json of a `hubquant eval` run") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HubquantError(f"{path} is not valid JSON ({error}); rerun `hubquant eval`") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise HubquantError(
+            f"{path} is not a hubquant results.json of schema version {SCHEMA_VERSION}; rerun `hubquant eval`"
+        )
+    return data
+
+
+def rows_of(results: dict[str, Any]) -> list[Row]:
+    return [Row.from_dict(r) for r in results.get("rows", [])]
+
+
+def row_dict(row: Row) -> dict[str, Any]:
+    return asdict(row)

@@ -1,0 +1,115 @@
+"""Speed and memory of one loaded model, measured the same way for every variant.
+
+The device is synchronised before every clock read; one warm-up run of each measurement is left
+out of the figures; each figure is the mean and standard deviation over `runs` runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued work on a CUDA device, so that a clock read after it is true."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _times(fn: Callable[[], object], device: torch.device | str, runs: int) -> list[float]:
+    fn()  # warm-up, left out
+    out = []
+    for _ in range(runs):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+@torch.inference_mode()
+def measure_speed(
+    model: torch.nn.Module,
+    *,
+    vocab_size: int,
+    ctx: int = 512,
+    decode_tokens: int = 128,
+    runs: int = 3,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Prefill tokens/s (one forward over `ctx` tokens, batch 1), decode tokens/s (`decode_tokens`
+    greedy tokens after a 16-token prompt, batch 1, KV cache) and time to first token (16-token
+    prompt), each as mean and standard deviation over `runs` runs after a warm-up.
+
+    Args:
+        model: the decoder.
+        vocab_size: ids are drawn below it.
+        ctx: prefill length.
+        decode_tokens: new tokens per decode run.
+        runs: measured runs (at least 3 for a standard deviation worth stating).
+        device: the model's device.
+    """
+    gen = torch.Generator().manual_seed(0)
+    long = torch.randint(100 if vocab_size > 200 else 0, vocab_size, (1, ctx), generator=gen).to(device)
+    prompt = long[:, :16]
+    prefill = [ctx / t for t in _times(lambda: model(long), device, runs)]
+    decode = [
+        decode_tokens / t
+        for t in _times(
+            lambda: model.generate(prompt, max_new_tokens=decode_tokens, eos_ids=[]), device, runs
+        )
+    ]
+    ttft = _times(lambda: model.generate(prompt, max_new_tokens=1, eos_ids=[]), device, runs)
+    return {
+        "prefill_tok_s": statistics.mean(prefill),
+        "prefill_sd": statistics.stdev(prefill) if runs > 1 else 0.0,
+        "decode_tok_s": statistics.mean(decode),
+        "decode_sd": statistics.stdev(decode) if runs > 1 else 0.0,
+        "ttft_s": statistics.mean(ttft),
+    }
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size since the last `reset_peak_rss` (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak RSS count from the current RSS (Linux: `echo 5 > /proc/self/clear_refs`)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights as held at run time: quantized projections as their runtime
+    layout holds them (the quantization report's figure), everything else as stored, a tied head
+    counted once."""
+    from hubquant.quantize.base import tensor_bytes
+
+    report = getattr(model, "quant_report", None)
+    quantized = {r.name: r.runtime_bytes for r in report.layers if not r.skipped} if report else {}
+    seen: set[int] = set()
+    total = sum(quantized.values())
+    for name, module in model.named_modules():
+        if name in quantized:
+            continue
+        if any(name.startswith(q + ".") for q in quantized):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor_bytes(tensor)
+    return total

@@ -462,6 +462,58 @@ def report_quantize() -> list[tuple[str, bool]]:
     return verdicts
 
 
+# --- eval: the scoring pass against transformers, and the default `make eval` -----------------
+
+
+def report_eval() -> list[tuple[str, bool]]:
+    import shutil
+
+    import transformers
+
+    import hubquant
+    from hubquant.evaluate.data import pydoc_text
+    from hubquant.evaluate.scoring import score, windows
+
+    transformers.logging.set_verbosity_error()
+    folder = smollm_checkpoint()
+    ctx, chunks = 512, 8
+    print(f"\n## Eval scoring pass ({folder.name}, bf16; python-docs, {chunks} chunks of {ctx} tokens; "
+          "median of 3 interleaved runs after a warm-up)")  # fmt: skip
+    ours, tokenizer = hubquant.load(folder, dtype="bf16", progress=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids = torch.tensor(tokenizer.encode(pydoc_text()[: ctx * chunks * 8], add_special_tokens=False))
+    wins = windows(ids, method="chunks", ctx=ctx, max_chunks=chunks)
+    tokens = ctx * len(wins)
+
+    def transformers_pass():
+        with torch.inference_mode():
+            for w in wins:
+                labels = w.ids[None].clone()
+                labels[:, : w.first] = -100
+                ref(w.ids[None], labels=labels)
+
+    ours_s, ref_s = timed_pair(lambda: score(ours, wins, progress=False), transformers_pass, runs=3)
+    both_s = timed(lambda: score(ours, wins, base=ours, progress=False))
+    ok = ref_s / ours_s >= 1.0
+    print(f"hubquant perplexity pass      {tokens / ours_s:8.1f} tok/s   transformers forward+loss "
+          f"{tokens / ref_s:8.1f} tok/s   ratio {ref_s / ours_s:4.2f}x (target >= 1.0x: {'met' if ok else 'MISSED'})")  # fmt: skip
+    print(
+        f"hubquant perplexity+KLD pass  {tokens / both_s:8.1f} tok/s   (the base's forward recomputed: 2 forwards)"
+    )
+    verdicts = [("eval scoring pass >= transformers", ok)]
+    out = CACHE / "make-eval-default"
+    shutil.rmtree(out, ignore_errors=True)
+    exe = Path(sys.executable).parent / "hubquant"
+    start = time.perf_counter()
+    done = subprocess.run([str(exe), "eval", "--out", str(out)], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    ok = done.returncode == 0 and wall < 600
+    print(f"\n## Default `make eval` (embedded SmolLM2, base,int4,nf4,int8; fresh process): {wall:.0f} s "
+          f"(target < 600 s: {'met' if ok else 'MISSED'}; exit {done.returncode})")  # fmt: skip
+    verdicts.append(("default make eval < 10 min", ok))
+    return verdicts
+
+
 def report_startup() -> list[tuple[str, bool]]:
     """`hubquant --help` and an argument error, each a fresh process: the CLI must answer without
     importing torch."""
@@ -489,7 +541,7 @@ def main() -> None:
     parser.add_argument("--child-convert", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-quantize", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--only", choices=["startup", "dequant", "load", "speed", "convert", "quantize"], default=None
+        "--only", choices=["startup", "dequant", "load", "speed", "convert", "quantize", "eval"], default=None
     )
     args = parser.parse_args()
     if args.child:
@@ -512,6 +564,8 @@ def main() -> None:
         verdicts += report_convert()
     if args.only in (None, "quantize"):
         verdicts += report_quantize()
+    if args.only in (None, "eval"):
+        verdicts += report_eval()
     print("\n## Targets")
     for name, ok in verdicts:
         print(f"{name:52} {'met' if ok else 'MISSED'}")

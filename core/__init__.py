@@ -96,3 +96,65 @@ class _LazyPackage(types.ModuleType):
 # `import hubquant.quantize.core` must not replace `hubquant.quantize` (the function) with the
 # subpackage of the same name.
 sys.modules[__name__].__class__ = _LazyPackage
+
+
+# lm-eval finds a model by its name in its registry and has no plugin discovery (0.4.x reads no
+# entry points). So that `lm_eval.simple_evaluate(model="hubquant", ...)` works after `import
+# hubquant`, "hubquant" is entered into that registry as a lazy "module:Class" placeholder as soon as
+# lm-eval's registry module is imported (at once, if it already is). Neither lm-eval nor torch is
+# imported here; hubquant.evaluate.lm_eval is imported when lm-eval first asks for the model.
+_LM_EVAL_REGISTRY = "lm_eval.api.registry"
+_LM_EVAL_MODEL = ("hubquant", "hubquant.evaluate.lm_eval:HubquantLM")
+
+
+def _register_lm_eval_model(registry: types.ModuleType) -> None:
+    """Enter the placeholder into lm-eval's model registry, unless the name is taken.
+
+    Args:
+        registry: the module `lm_eval.api.registry`, executed.
+    """
+    try:
+        # lm-eval adds its own models only to an empty registry, so they must come first.
+        importlib.import_module("lm_eval.models")
+        name, target = _LM_EVAL_MODEL
+        if name not in registry.model_registry:
+            registry.model_registry.register(name, target=target)
+    except Exception as error:  # lm-eval must keep working whatever happens here
+        import warnings
+
+        warnings.warn(f"hubquant: could not register lm-eval's model 'hubquant': {error}", stacklevel=2)
+
+
+class _LmEvalHook:
+    """A `sys.meta_path` finder that finds nothing itself: when `lm_eval.api.registry` is about to
+    be imported, it has the next finder find it and wraps the loader's `exec_module`, so that the
+    placeholder is registered right after the module has run."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        """Args: as `importlib.abc.MetaPathFinder.find_spec`."""
+        if fullname != _LM_EVAL_REGISTRY:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if finder is not self and find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = getattr(loader, "exec_module", None)
+        if exec_module is None:
+            return spec
+
+        def exec_and_register(module: types.ModuleType) -> None:
+            exec_module(module)
+            _register_lm_eval_model(module)
+
+        loader.exec_module = exec_and_register  # this loader instance serves this one module
+        return spec
+
+
+if _LM_EVAL_REGISTRY in sys.modules:
+    _register_lm_eval_model(sys.modules[_LM_EVAL_REGISTRY])
+elif not any(type(finder).__name__ == "_LmEvalHook" for finder in sys.meta_path):
+    sys.meta_path.insert(0, _LmEvalHook())

@@ -1,11 +1,13 @@
 """lm-eval's model "hubquant": scores a checkpoint, or one of its quantized variants, with lm-evaluation-harness.
 
-Two ways in:
+Ways in:
 
 - `python -m hubquant.evaluate.lm_eval --model hubquant --model_args pretrained=X,variant=int4
   --tasks ...` runs lm-eval's own command line, every flag of it, with "hubquant" registered;
 - `lm_eval.simple_evaluate(model="hubquant", model_args="pretrained=X,variant=int4", ...)` after
-  `import hubquant`.
+  `import hubquant`;
+- `run_tasks(model, tasks, tokenizer)` scores a model already loaded (and quantized), as
+  `hubquant eval --tasks` does for each variant; `check_tasks` refuses unknown task names early.
 
 lm-eval 0.4 has no plugin discovery (it reads no entry points), so `import hubquant` puts
 "hubquant" into lm-eval's model registry itself, as a lazy "module:Class" placeholder, at the moment
@@ -35,8 +37,9 @@ How it scores, request type by request type, matching lm-eval's `hf` model:
 from __future__ import annotations
 
 import json
+import logging
+import numbers
 import sys
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +56,8 @@ from hubquant.models.config import torch_dtype
 from hubquant.models.decoder import Decoder, KVCache
 from hubquant.models.generate import filter_logits
 from hubquant.models.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 MODEL_NAME = "hubquant"  # the name lm-eval knows the model by
 VARIANTS = ("base", "int4", "nf4", "int8", "fp8")
@@ -75,6 +80,12 @@ def _positive_int(name: str, value: Any) -> int:
     return number
 
 
+def _token_id(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not str(value).strip().isdigit():
+        raise HubquantError(f"model arg {name}={value!r} must be a token id (a whole number, 0 or more)")
+    return int(value)
+
+
 def _optional_bool(name: str, value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
@@ -95,9 +106,7 @@ def _resolve_device(device: Any) -> torch.device:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         # lm-eval's command line passes --device cuda:0 when none is given; its hf model then
         # runs on the cpu, and so does this one, saying so.
-        warnings.warn(
-            f"device {device!r} asked for, but torch sees no CUDA GPU here; using cpu", stacklevel=3
-        )
+        logger.warning("device %r asked for, but torch sees no CUDA GPU here; using cpu", device)
         return torch.device("cpu")
     return torch_device(device)
 
@@ -106,7 +115,8 @@ class HubquantLM(TemplateLM):
     """A hubquant decoder, base or quantized in memory, as an lm-eval model.
 
     Args:
-        pretrained: a Hub repo id or a local Hub-layout folder.
+        pretrained: a Hub repo id or a local Hub-layout folder; or a model `hubquant.load` gave
+            (quantized or not), scored as it is, with `tokenizer`.
         variant: "base" (unquantized, in `dtype`) or a quantize method: "int4", "nf4", "int8",
             "fp8", applied in memory after loading with the method's defaults.
         dtype: weight dtype the checkpoint is loaded in: "bf16", "fp16" or "fp32" (or bfloat16...).
@@ -120,6 +130,7 @@ class HubquantLM(TemplateLM):
         prefix_token_id: the token an empty context is scored after (default: bos, else eos).
         max_batch_size: accepted because lm-eval passes it; unused (no automatic batch size).
         progress: show a progress bar while loading and quantizing.
+        tokenizer: the tokenizer of a loaded model given as `pretrained` (not a model arg).
         **unknown: refused, naming the accepted args.
 
     Raises:
@@ -131,7 +142,7 @@ class HubquantLM(TemplateLM):
 
     def __init__(
         self,
-        pretrained: str | None = None,
+        pretrained: str | Decoder | None = None,
         variant: str = "base",
         dtype: str = "bf16",
         device: str | None = None,
@@ -143,18 +154,19 @@ class HubquantLM(TemplateLM):
         prefix_token_id: int | str | None = None,
         max_batch_size: int | None = None,
         progress: bool | str = True,
+        tokenizer: Tokenizer | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__()
         if unknown:
             accepted = (
                 "pretrained, variant, dtype, device, batch_size, max_length, max_gen_toks, revision, "
-                "add_bos_token, prefix_token_id"
+                "add_bos_token, prefix_token_id, progress"
             )
             raise HubquantError(
                 f"model arg(s) {', '.join(sorted(unknown))} unknown to the {MODEL_NAME} model; it takes {accepted}"
             )
-        if not pretrained:
+        if pretrained is None or (isinstance(pretrained, str) and not pretrained.strip()):
             raise HubquantError(
                 f"the {MODEL_NAME} model needs pretrained=<Hub id or folder> in its model args"
             )
@@ -169,27 +181,48 @@ class HubquantLM(TemplateLM):
         self._max_length = None if max_length is None else _positive_int("max_length", max_length)
         self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         self.add_bos_token = _optional_bool("add_bos_token", add_bos_token)
-        self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
-        torch_dtype(dtype)  # a bad dtype fails here, before anything is downloaded
-        self._device = _resolve_device(device)
-        self.pretrained, self.variant, self.revision = str(pretrained), variant, revision
-
-        from hubquant.models.loading import load
-
-        show = bool(_optional_bool("progress", progress))
-        model, tokenizer = load(
-            pretrained, revision=revision, dtype=dtype, device=self._device, progress=show
+        self._prefix_token_id = (
+            None if prefix_token_id is None else _token_id("prefix_token_id", prefix_token_id)
         )
-        if tokenizer is None:
-            raise HubquantError(f"{pretrained} ships no tokenizer.json, so lm-eval cannot feed it text")
-        if variant != "base":
-            from hubquant.quantize import quantize
-
-            quantize(model, variant, progress=show)
+        self.revision = revision
+        if isinstance(pretrained, torch.nn.Module):  # a model loaded (and maybe quantized) already
+            if not isinstance(tokenizer, Tokenizer):
+                raise HubquantError(
+                    "a loaded model is scored with its tokenizer: pass tokenizer=<the one load gave>"
+                )
+            if variant != "base":
+                raise HubquantError("variant= applies when loading; a loaded model is scored as it is")
+            report = getattr(pretrained, "quant_report", None)
+            model = pretrained
+            self.pretrained = str(getattr(pretrained, "name_or_path", type(pretrained).__name__))
+            self.variant = report.method if report is not None else "base"
+            self._device = model.device
+        else:
+            if tokenizer is not None:
+                raise HubquantError("tokenizer= goes with a loaded model; from pretrained=, its own is used")
+            self._dtype = torch_dtype(dtype)  # a bad dtype fails here, before anything is downloaded
+            self._device = _resolve_device(device)
+            self.pretrained, self.variant = str(pretrained), variant
+            model, tokenizer = self._load(show=bool(_optional_bool("progress", progress)))
         self.model: Decoder = model
         self.tokenizer: Tokenizer = tokenizer  # type: ignore[assignment]
         # lm-eval's own check for a string that already starts with the prefix token
         self._prefix_text = tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)
+
+    def _load(self, show: bool) -> tuple[Decoder, Tokenizer]:
+        """Load `pretrained` in `dtype` on the device, and quantize it to `variant`."""
+        from hubquant.models.loading import load
+
+        model, tokenizer = load(
+            self.pretrained, revision=self.revision, dtype=self._dtype, device=self._device, progress=show
+        )
+        if tokenizer is None:
+            raise HubquantError(f"{self.pretrained} ships no tokenizer.json, so lm-eval cannot feed it text")
+        if self.variant != "base":
+            from hubquant.quantize import quantize
+
+            quantize(model, self.variant, progress=show)
+        return model, tokenizer
 
     # -- what lm-eval reads ------------------------------------------------------------------
 
@@ -197,7 +230,9 @@ class HubquantLM(TemplateLM):
     def eot_token_id(self) -> int:
         """The end-of-text id: the tokenizer's first eos id."""
         if not self.tokenizer.eos_ids:
-            raise HubquantError(f"{self.pretrained} declares no eos token; give prefix_token_id=<id>")
+            raise HubquantError(
+                f"{self.pretrained} declares no eos token, which lm-eval needs; add one to its config"
+            )
         return self.tokenizer.eos_ids[0]
 
     @property
@@ -490,6 +525,86 @@ class HubquantLM(TemplateLM):
         """
         harness = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**{**harness, **arg_dict})
+
+
+def check_tasks(tasks: Sequence[str], task_manager: Any = None) -> None:
+    """Refuse task names lm-eval does not know, before any model is loaded.
+
+    Args:
+        tasks: lm-eval task, group or tag names (globs allowed), or paths to task YAML files.
+        task_manager: an `lm_eval.tasks.TaskManager` (default: lm-eval's own tasks).
+
+    Raises:
+        HubquantError: naming the unknown ones.
+    """
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    manager = task_manager if task_manager is not None else TaskManager()
+    unknown = [t for t in tasks if not Path(t).is_file() and not manager.match_tasks([t])]
+    if unknown:
+        raise HubquantError(
+            f"lm-eval task(s) {', '.join(unknown)} unknown; `python -m hubquant.evaluate.lm_eval ls tasks` "
+            "lists the known ones"
+        )
+
+
+def run_tasks(
+    model: Decoder,
+    tasks: Sequence[str],
+    tokenizer: Tokenizer | None = None,
+    *,
+    batch_size: int = 1,
+    max_length: int | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    task_manager: Any = None,
+    bootstrap_iters: int = 100000,
+) -> dict[str, dict[str, float]]:
+    """Score a loaded model (a variant or the base) on lm-eval tasks, as `simple_evaluate` does.
+
+    Args:
+        model: the decoder `hubquant.load` gave, quantized or not.
+        tasks: lm-eval task, group or tag names.
+        tokenizer: the tokenizer `hubquant.load` gave with it (required).
+        batch_size: requests per forward pass.
+        max_length: the most tokens one forward pass sees (default: the model's context length).
+        limit: documents per task (a fraction when below 1), for a quick look.
+        num_fewshot: few-shot examples per prompt (default: each task's own).
+        task_manager: an `lm_eval.tasks.TaskManager` (default: lm-eval's own tasks).
+        bootstrap_iters: bootstrap resamples for the standard errors lm-eval cannot compute in
+            closed form (0: none).
+
+    Returns:
+        task -> lm-eval's metric -> value, numbers only: `{"arc_easy": {"acc,none": 0.41,
+        "acc_stderr,none": 0.01, ...}}`; the tasks asked for when lm-eval reports each of them
+        (a group's aggregate), else every task it ran.
+    """
+    from lm_eval import simple_evaluate
+
+    if tokenizer is None:
+        raise HubquantError("run_tasks needs the model's tokenizer: run_tasks(model, tasks, tokenizer)")
+    lm = HubquantLM(model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        limit=limit,
+        num_fewshot=num_fewshot,
+        task_manager=task_manager,
+        bootstrap_iters=bootstrap_iters,
+        log_samples=False,
+    )
+    table: dict[str, dict[str, Any]] = results["results"] if results else {}
+    chosen = table if not all(t in table for t in tasks) else {t: table[t] for t in tasks}
+    return {
+        task: {
+            key: float(value)
+            for key, value in metrics.items()
+            if "," in key and isinstance(value, numbers.Real) and not isinstance(value, bool)
+        }
+        for task, metrics in chosen.items()
+    }
 
 
 def register() -> None:

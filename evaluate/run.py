@@ -164,7 +164,9 @@ def run_eval(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
     if tasks:
-        from .lm_eval import check_tasks  # noqa: F401 - fails early when lm-eval is missing
+        from .lm_eval import check_tasks
+
+        check_tasks(tasks)  # unknown task names fail before anything is loaded
 
     text = load_text(dataset)
     if model_source is None:
@@ -287,6 +289,7 @@ def _resume(path: Path, header: dict[str, Any], force: bool) -> list[Row]:
 def _measure(
     variant: str,
     base: torch.nn.Module,
+    tokenizer: Any,
     base_load_s: float,
     folder: Path,
     out: Path,
@@ -328,7 +331,7 @@ def _measure(
     if tasks:
         from .lm_eval import run_tasks
 
-        row.tasks = run_tasks(model, tasks)
+        row.tasks = run_tasks(model, tasks, tokenizer)  # every variant shares the base's tokenizer
     row.disk_bytes = _folder_bytes(vfolder)
     row.weight_bytes = weight_bytes(model)
     row.peak_rss_bytes = peak_rss_bytes()

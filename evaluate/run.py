@@ -248,7 +248,18 @@ def run_eval(
             print(f"{variant:10} already in {results_path}; skipped (use --force to redo)")
             continue
         row = _measure(
-            variant, base, base_load_s, folder, out_path, wins, target_dtype, dev, speed, tasks, progress
+            variant,
+            base,
+            tokenizer,
+            base_load_s,
+            folder,
+            out_path,
+            wins,
+            target_dtype,
+            dev,
+            speed,
+            tasks,
+            progress,
         )
         rows.append(row)
         results = save()

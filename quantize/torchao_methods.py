@@ -1,0 +1,646 @@
+"""torchao's weight-only methods: `int4` (per group), `int8` (per row) and `fp8` (per row).
+
+Every weight is quantized by torchao itself: int8 and fp8 with `quantize_` and the very config
+config.json records, int4 with the tensor subclass of that config (`IntxUnpackedToInt8Tensor.
+from_hp`) and qparams chosen as below. Weights are saved with torchao's own
+`flatten_tensor_state_dict` and rebuilt with `unflatten_tensor_state_dict`, so the files are
+exactly what transformers writes and reads for `TorchAoConfig(quant_type=config)`.
+
+int4 has two layouts:
+
+- saved (what the files hold, and what transformers loads): on the CPU, torchao's
+  `IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(g), mapping_type=ASYMMETRIC)`
+  layout, an `IntxUnpackedToInt8Tensor`: one int8 byte per 4-bit value q in [-8, 7], and per group
+  one scale s (base dtype) and one int8 zero point zp; the weight is (q - zp) * s. On CUDA,
+  `Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")`, packed and saveable.
+- runtime on the CPU: torchao's `Int4OpaqueTensor` (the `_weight_int4pack_mm_for_cpu` kernel that
+  `PrototypeInt4WeightOnlyConfig` uses), repacked from the saved values by `to_runtime`. That
+  kernel computes (n - 8) * s + z from unsigned nibbles n and a float zero z, both s and z in the
+  activations' dtype. With n = q + 8 and z = -zp * s it computes exactly the saved weight, provided
+  -zp * s is exact in bf16. So the scales are chosen to make it so: torchao's asymmetric min/max
+  scale, rounded up to 5 significant bits (never clipping more), times |zp| <= 8 (at most 3
+  significant bits) fits bf16's 8. The integers are then rounded by torchao (`from_hp` with these
+  qparams). Rounding the scale up costs under 3% of step size on average; being asymmetric gains
+  far more: on SmolLM2-135M (4096 tokens of Python docs) perplexity 19.4 against 22.1 for
+  torchao's default symmetric mapping, at group size 128 (base model: 14.7).
+  The runtime weights are therefore the saved weights bit for bit, and a reloaded variant gives
+  the in-memory model's logits. Layers the kernel cannot take (another tool's checkpoint whose
+  -zp * s is not exact; an output width not a multiple of 16; activations not bf16) keep the saved
+  layout, which computes the same values with a dequantize and a dense matmul.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hubquant.errors import HubquantError
+
+from .base import Method, register_method, tensor_bytes
+
+# Group sizes int4 accepts; a layer whose input width the requested size does not divide falls
+# back to the largest smaller one that does.
+GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 128
+# The CPU int4 kernel packs output channels 16 at a time (`_convert_weight_to_int4pack_for_cpu`
+# refuses other widths), so such layers are not quantized at all: a saved layer that cannot run
+# fast anywhere would defeat the point of int4.
+OUT_MULTIPLE = 16
+HEAD = "lm_head"
+# Rows of the dummy weight quantized to learn a layer's safetensors metadata before any real
+# weight is read (the metadata does not depend on the row count).
+_DUMMY_ROWS = OUT_MULTIPLE
+
+
+def _torchao_config_to_dict(config: Any) -> dict[str, Any]:
+    from torchao.core.config import config_to_dict
+
+    return config_to_dict(config)
+
+
+def _plain_metadata() -> str:
+    # What flatten_tensor_state_dict writes for a plain tensor.
+    return json.dumps({"_type": torch.Tensor.__name__})
+
+
+def _detached_linear(linear: nn.Linear) -> nn.Linear:
+    """A new Linear holding `linear`'s weight and bias (no copy), for `quantize_` to swap the
+    weight of without touching the model's module."""
+    with torch.device("meta"):
+        new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    new.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+    if linear.bias is not None:
+        new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return new
+
+
+class _TorchaoMethod(Method):
+    """What the three torchao methods share: quantize with `quantize_`, save and load with
+    torchao's safetensors support, config.json as `TorchAoConfig(quant_type=...).to_dict()`."""
+
+    library: ClassVar[str] = "torchao"
+    # torchao tensor subclass names this method saves and loads.
+    tensor_types: ClassVar[tuple[str, ...]]
+    # torchao config class names (in a saved quantization_config) that mean this method.
+    config_types: ClassVar[tuple[str, ...]]
+
+    def __init__(self, **settings: Any) -> None:
+        if settings:
+            raise HubquantError(
+                f"{self.name} takes no settings (got {', '.join(sorted(settings))}); "
+                "--group-size and --hqq apply to int4 only"
+            )
+        self._metadata_cache: dict[tuple[Any, ...], str] = {}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+    # --- what each method defines ---
+
+    def torchao_config(self, layer_settings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+        """The torchao config that quantizes a layer with `layer_settings` on `device`.
+
+        Args:
+            layer_settings: what `plan` returned for the layer.
+            device: where the weight is.
+            dtype: the weight's dtype.
+        """
+        raise NotImplementedError
+
+    def saved_config(self) -> Any:
+        """The torchao config recorded in config.json: the layout `quantize_checkpoint` writes."""
+        raise NotImplementedError
+
+    # --- the Method interface ---
+
+    def plan(self, name: str, linear: nn.Linear) -> dict[str, Any] | str:
+        """Every projection is quantized per row: nothing to choose, nothing skipped.
+
+        Args:
+            name: canonical module name.
+            linear: the layer (possibly on the meta device: only its shape is used).
+        """
+        return {}
+
+    def quantize(self, linear: nn.Linear, layer_settings: dict[str, Any]) -> nn.Module:
+        """Quantize with torchao's `quantize_`; the result is in the saved layout.
+
+        Args:
+            linear: the full-precision layer (left unchanged).
+            layer_settings: what `plan` returned for it.
+        """
+        from torchao.quantization import quantize_
+
+        module = _detached_linear(linear)
+        config = self.torchao_config(layer_settings, linear.weight.device, linear.weight.dtype)
+        quantize_(module, config)
+        kind = type(module.weight).__name__
+        if kind not in self.tensor_types:
+            # quantize_ returns the weight unchanged where it declines a shape; plan should have
+            # skipped such a layer, so this is a bug, not a user error.
+            raise RuntimeError(
+                f"torchao left a {tuple(linear.weight.shape)} weight as {kind} for {self.name}"
+            )
+        return module
+
+    def hf_tensors(self, module: nn.Module, hub_prefix: str) -> dict[str, torch.Tensor]:
+        """torchao's flattened tensors: `{prefix}._weight_qdata`, `_weight_scale`, ... and bias.
+
+        Args:
+            module: a saved-layout module from `quantize` or `load_module`.
+            hub_prefix: the module's transformers name.
+        """
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        tensors, _ = flatten_tensor_state_dict(self._state(module, hub_prefix))
+        return tensors
+
+    def _state(self, module: nn.Module, hub_prefix: str) -> dict[str, torch.Tensor]:
+        # flatten_tensor_state_dict accepts tensor subclasses and plain tensors, not Parameters.
+        state = {f"{hub_prefix}.weight": module.weight.detach()}
+        if getattr(module, "bias", None) is not None:
+            state[f"{hub_prefix}.bias"] = module.bias.detach()
+        return state
+
+    def hf_metadata(
+        self, tensors: dict[str, tuple[tuple[int, ...], dict[str, Any] | None]], dtype: torch.dtype
+    ) -> dict[str, str]:
+        """The metadata `flatten_tensor_state_dict` writes for the whole checkpoint: one JSON entry
+        per tensor and the list of all names. A quantized weight's entry is learnt by quantizing
+        a small dummy weight with the same settings and input width (the entry holds the block
+        size and dtype, never the values).
+
+        Args:
+            tensors: every Hub weight name -> (shape, layer settings or None when not quantized).
+            dtype: the base dtype the real weights are quantized from.
+        """
+        metadata: dict[str, str] = {}
+        for name, (shape, layer_settings) in tensors.items():
+            if layer_settings is None:
+                metadata[name] = _plain_metadata()
+            else:
+                metadata[name] = self._weight_metadata(name, shape, layer_settings, dtype)
+        metadata["tensor_names"] = json.dumps(list(tensors))
+        return metadata
+
+    def _weight_metadata(
+        self, name: str, shape: tuple[int, ...], layer_settings: dict[str, Any], dtype: torch.dtype
+    ) -> str:
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        key = (shape[1], dtype, tuple(sorted(layer_settings.items())))
+        if key not in self._metadata_cache:
+            gen = torch.Generator().manual_seed(0)
+            with torch.device("meta"):
+                dummy = nn.Linear(shape[1], _DUMMY_ROWS, bias=False)
+            weight = torch.randn(_DUMMY_ROWS, shape[1], generator=gen, device="cpu").to(dtype)
+            dummy.weight = nn.Parameter(weight, requires_grad=False)
+            quantized = self.quantize(dummy, layer_settings)
+            _, metadata = flatten_tensor_state_dict({"w.weight": quantized.weight.detach()})
+            self._metadata_cache[key] = metadata["w.weight"]
+        return self._metadata_cache[key]
+
+    def runtime_bytes(self, module: nn.Module) -> int:
+        """Bytes of the weight representation held at run time (the bias not counted, as for
+        disk bytes: `LayerRecord` records the weight's representation).
+
+        Args:
+            module: a quantized module, in either layout.
+        """
+        return tensor_bytes(module.weight)
+
+    def owns(self, hub_prefix: str, keys: set[str]) -> set[str]:
+        """`{prefix}._weight_*` (and `{prefix}.bias`) when the module was saved quantized.
+
+        Args:
+            hub_prefix: the module's transformers name.
+            keys: every tensor name of the checkpoint.
+        """
+        mine = {k for k in keys if k.startswith(f"{hub_prefix}._weight_")}
+        if mine and f"{hub_prefix}.bias" in keys:
+            mine.add(f"{hub_prefix}.bias")
+        return mine
+
+    def hf_quantization_config(self, not_converted: list[str]) -> dict[str, Any]:
+        """`TorchAoConfig(quant_type=config, modules_to_not_convert=..., include_input_output_
+        embeddings=...).to_dict()`, built from torchao's serializer without transformers.
+
+        Args:
+            not_converted: Hub names of the modules left in the base dtype; the head (`lm_head`)
+                is among them unless it was quantized, which is what
+                `include_input_output_embeddings` records.
+        """
+        return {
+            "quant_method": "torchao",
+            "quant_type": {"default": _torchao_config_to_dict(self.saved_config())},
+            # None is transformers' own default: its default skips (the head) apply.
+            "modules_to_not_convert": list(not_converted) or None,
+            "include_input_output_embeddings": HEAD not in not_converted,
+            "untie_embedding_weights": False,
+        }
+
+    @classmethod
+    def from_hf_config(cls, quantization_config: dict[str, Any]) -> Method | None:
+        """This method, if `quantization_config` is torchao's with one of `config_types`.
+
+        Args:
+            quantization_config: config.json's `quantization_config`.
+        """
+        if quantization_config.get("quant_method") != "torchao":
+            return None
+        quant_type = quantization_config.get("quant_type")
+        default = quant_type.get("default") if isinstance(quant_type, dict) else None
+        if not isinstance(default, dict) or default.get("_type") not in cls.config_types:
+            return None
+        from torchao.core.config import config_from_dict
+
+        try:
+            config = config_from_dict(default)
+        except (ValueError, TypeError, KeyError, AssertionError) as error:
+            raise HubquantError(
+                f"config.json's torchao quantization_config ({default.get('_type')}) does not parse "
+                f"with this torchao: {str(error).splitlines()[0]}; re-create the variant"
+            ) from None
+        return cls._from_torchao_config(config)
+
+    @classmethod
+    def _from_torchao_config(cls, config: Any) -> Method | None:
+        return cls()
+
+    def load_module(
+        self,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, str],
+        hub_prefix: str,
+        like: nn.Linear,
+        dtype: torch.dtype,
+    ) -> nn.Module:
+        """Rebuild the saved-layout Linear with torchao's `unflatten_tensor_state_dict`.
+
+        Args:
+            tensors: the module's saved tensors, by full name, on the target device.
+            metadata: the checkpoint's merged safetensors metadata.
+            hub_prefix: the module's transformers name.
+            like: the meta-device Linear it replaces (shape, bias).
+            dtype: the activations' dtype: the weight is rebuilt to compute in it.
+        """
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        name = f"{hub_prefix}.weight"
+        if name not in metadata:
+            raise HubquantError(
+                f"the safetensors metadata has no entry for {name}; the shards were not written by "
+                "torchao's safetensors support: re-create the variant"
+            )
+        entry = json.loads(metadata[name])
+        if entry.get("_type") not in self.tensor_types:
+            raise HubquantError(
+                f"{name} is saved as {entry.get('_type')}, which {self.name} does not load; re-create the variant"
+            )
+        # The entry names the dtype the weight dequantizes to; asking for the activations' dtype
+        # makes a variant saved in bf16 run in (say) fp32 without touching the saved values.
+        if isinstance(entry.get("_data"), dict) and "dtype" in entry["_data"]:
+            entry["_data"]["dtype"] = {"_type": "torch.dtype", "_data": str(dtype).removeprefix("torch.")}
+        parts = {k: v for k, v in tensors.items() if k.startswith(f"{hub_prefix}._weight_")}
+        try:
+            rebuilt, _ = unflatten_tensor_state_dict(
+                parts, {"tensor_names": json.dumps([name]), name: json.dumps(entry)}
+            )
+        except (ValueError, AssertionError, TypeError) as error:
+            raise HubquantError(
+                f"{name} does not rebuild as {entry.get('_type')}: {str(error).splitlines()[0]}; re-create the variant"
+            ) from None
+        weight = rebuilt.get(name)
+        if weight is None:
+            raise HubquantError(
+                f"{name} is incomplete: it needs {', '.join(entry.get('_tensor_data_names', []))} "
+                f"and the shards hold {', '.join(sorted(k.rsplit('.', 1)[1] for k in parts))}; re-create the variant"
+            )
+        expected = (like.out_features, like.in_features)
+        if tuple(weight.shape) != expected:
+            raise HubquantError(
+                f"{name} has shape {list(weight.shape)}, expected {list(expected)} from config.json; "
+                "check config.json matches the weights"
+            )
+        with torch.device("meta"):
+            module = nn.Linear(like.in_features, like.out_features, bias=like.bias is not None)
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        if like.bias is not None:
+            bias = tensors.get(f"{hub_prefix}.bias")
+            if bias is None:
+                raise HubquantError(
+                    f"{hub_prefix}.bias is missing from the checkpoint; re-create the variant"
+                )
+            module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return module
+
+
+@register_method
+class Int4(_TorchaoMethod):
+    """int4 weight-only, per group, symmetric; optionally with HQQ's scale search.
+
+    Args:
+        group_size: 32, 64, 128 or 256 (default 128). A layer whose input width it does not
+            divide uses the largest smaller size of 128/64/32 that does; a layer none divides,
+            or whose output width is not a multiple of 16, stays in the base dtype.
+        hqq: choose the scales with torchao's HQQ search (`IntxChooseQParamsAlgorithm.
+            HQQ_SCALE_ONLY`: least-squares scales, symmetric, zero points 0) instead of the
+            asymmetric min/max default. It lowers the weight error; on SmolLM2-135M perplexity it
+            did not help (22.7 against 22.1 symmetric and 19.4 for the default).
+
+    Raises:
+        HubquantError: for a group size or hqq value outside those.
+    """
+
+    name: ClassVar[str] = "int4"
+    tensor_types: ClassVar[tuple[str, ...]] = ("IntxUnpackedToInt8Tensor", "Int4TilePackedTo4dTensor")
+    config_types: ClassVar[tuple[str, ...]] = ("IntxWeightOnlyConfig", "Int4WeightOnlyConfig")
+
+    def __init__(self, group_size: int | None = None, hqq: bool = False, **settings: Any) -> None:
+        super().__init__(**settings)
+        if group_size is None:
+            group_size = DEFAULT_GROUP_SIZE
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+            raise HubquantError(
+                f"int4 group size {group_size!r} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}"
+            )
+        if not isinstance(hqq, bool):
+            raise HubquantError(f"int4's hqq setting must be true or false, not {hqq!r}")
+        self.group_size = group_size
+        self.hqq = hqq
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"group_size": self.group_size, "hqq": self.hqq}
+
+    def plan(self, name: str, linear: nn.Linear) -> dict[str, Any] | str:
+        """The group size for this layer ({"group_size": g, "hqq": ...}) or why it is skipped.
+
+        Args:
+            name: canonical module name.
+            linear: the layer (possibly on the meta device: only its shape is used).
+        """
+        out_features, in_features = linear.out_features, linear.in_features
+        if out_features % OUT_MULTIPLE:
+            return f"output width {out_features} is not a multiple of {OUT_MULTIPLE}, which the CPU int4 kernel needs"
+        candidates = [self.group_size, *(g for g in (128, 64, 32) if g < self.group_size)]
+        for group in candidates:
+            if in_features % group == 0:
+                return {"group_size": group, "hqq": self.hqq}
+        return (
+            f"input width {in_features} is not a multiple of any group size {'/'.join(map(str, candidates))}"
+        )
+
+    def torchao_config(self, layer_settings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+        from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig, MappingType, PerGroup
+        from torchao.quantization.quantize_.workflows import (
+            Int4ChooseQParamsAlgorithm,
+            Int4PackingFormat,
+            IntxChooseQParamsAlgorithm,
+        )
+
+        group = layer_settings["group_size"]
+        hqq = layer_settings.get("hqq", False)
+        if device.type == "cuda" and dtype == torch.bfloat16:
+            # Packed on the GPU, saveable, and the layout the CUDA tinygemm kernel runs.
+            return Int4WeightOnlyConfig(
+                group_size=group,
+                int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D,
+                int4_choose_qparams_algorithm=(
+                    Int4ChooseQParamsAlgorithm.HQQ if hqq else Int4ChooseQParamsAlgorithm.TINYGEMM
+                ),
+            )
+        if hqq:
+            return IntxWeightOnlyConfig(
+                weight_dtype=torch.int4,
+                granularity=PerGroup(group),
+                intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY,
+            )
+        return IntxWeightOnlyConfig(
+            weight_dtype=torch.int4, granularity=PerGroup(group), mapping_type=MappingType.ASYMMETRIC
+        )
+
+    def quantize(self, linear: nn.Linear, layer_settings: dict[str, Any]) -> nn.Module:
+        """Quantize into the saved layout: on the CPU an `IntxUnpackedToInt8Tensor` whose
+        qparams the CPU kernel can hold exactly (module docstring); on CUDA torchao's packed
+        tile layout.
+
+        Args:
+            linear: the full-precision layer (left unchanged).
+            layer_settings: what `plan` returned for it.
+        """
+        from torchao.quantization import IntxUnpackedToInt8Tensor, MappingType
+        from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
+
+        weight = linear.weight.detach()
+        if weight.device.type == "cuda" and weight.dtype == torch.bfloat16:
+            return super().quantize(linear, layer_settings)
+        group = layer_settings["group_size"]
+        block = (1, group)  # what IntxWeightOnlyConfig passes; the metadata records it
+        if layer_settings.get("hqq", False):
+            quantized = IntxUnpackedToInt8Tensor.from_hp(
+                weight,
+                block,
+                torch.int4,
+                intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY,
+            )
+        else:
+            scale, zero_point = _exact_asymmetric_qparams(weight, group)
+            quantized = IntxUnpackedToInt8Tensor.from_hp(
+                weight,
+                block,
+                torch.int4,
+                mapping_type=MappingType.ASYMMETRIC,
+                intx_choose_qparams_algorithm=None,
+                custom_scale=scale,
+                custom_zero_point=zero_point,
+            )
+        module = _detached_linear(linear)
+        module.weight = nn.Parameter(quantized, requires_grad=False)
+        return module
+
+    def saved_config(self) -> Any:
+        # Checkpoints are streamed on the CPU, so they hold the CPU's saveable layout. The group
+        # size recorded is the one asked for; each weight's own block size is in its metadata.
+        return self.torchao_config(
+            {"group_size": self.group_size, "hqq": self.hqq}, torch.device("cpu"), torch.bfloat16
+        )
+
+    @classmethod
+    def _from_torchao_config(cls, config: Any) -> Method | None:
+        from torchao.quantization import Int4WeightOnlyConfig, PerGroup
+
+        if isinstance(config, Int4WeightOnlyConfig):
+            hqq = str(getattr(config.int4_choose_qparams_algorithm, "value", "")) == "hqq"
+            return cls(group_size=config.group_size, hqq=hqq)
+        if config.weight_dtype != torch.int4 or not isinstance(config.granularity, PerGroup):
+            return None  # another intx width: not a variant hubquant makes
+        hqq = str(getattr(config.intx_choose_qparams_algorithm, "value", "")) == "hqq_scale_only"
+        return cls(group_size=config.granularity.group_size, hqq=hqq)
+
+    def to_runtime(self, module: nn.Module) -> nn.Module:
+        """On the CPU, repack the saved int4 values into torchao's `Int4OpaqueTensor` (the
+        `_weight_int4pack_mm_for_cpu` kernel), exactly: same integers, same scales, and the
+        kernel's float zero -zp * s, where that is exact.
+
+        Args:
+            module: a saved-layout module from `quantize` or `load_module`.
+        """
+        weight = module.weight
+        kind = type(weight).__name__
+        if kind == "Int4TilePackedTo4dTensor" and weight.device.type != "cuda":
+            raise HubquantError(
+                "this int4 variant was packed for CUDA (tile_packed_to_4d); load it with device='cuda'"
+            )
+        opaque = _to_int4_opaque(weight)
+        if opaque is None:
+            return module
+        # A new module: the saved-layout one may still be written out (core streams it).
+        with torch.device("meta"):
+            runtime = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        runtime.weight = nn.Parameter(opaque, requires_grad=False)
+        runtime.bias = module.bias
+        return runtime
+
+    def theoretical_bytes(self, shape: tuple[int, int], layer_settings: dict[str, Any]) -> int:
+        """Disk bytes of the saved (unpacked) layout: one int8 byte per 4-bit value, plus per group
+        a bf16 scale (2 bytes) and an int8 zero point (1 byte). Scales are counted in bf16, the
+        base dtype variants are made in.
+
+        Args:
+            shape: (out_features, in_features).
+            layer_settings: what `plan` returned ({"group_size": g, ...}).
+        """
+        out_features, in_features = shape
+        groups = out_features * in_features // layer_settings["group_size"]
+        return out_features * in_features + groups * (2 + 1)
+
+    def theoretical_runtime_bytes(self, shape: tuple[int, int], layer_settings: dict[str, Any]) -> int:
+        """Bytes of the CPU runtime (packed) layout: 4 bits per value, plus per group a bf16 scale
+        and a bf16 zero (the kernel's `scales_and_zeros`).
+
+        Args:
+            shape: (out_features, in_features).
+            layer_settings: what `plan` returned ({"group_size": g, ...}).
+        """
+        out_features, in_features = shape
+        groups = out_features * in_features // layer_settings["group_size"]
+        return out_features * in_features // 2 + groups * (2 + 2)
+
+
+def _exact_asymmetric_qparams(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group asymmetric int4 scales (in `weight`'s dtype) and int8 zero points such that
+    -zero_point * scale is exact in bf16 (see the module docstring).
+
+    Like torchao's asymmetric `choose_qparams_affine`, each group's range is widened to hold 0, so
+    a zero weight stays exactly zero, and split into 15 steps; the step is then rounded up to 5
+    significant bits.
+    """
+    rows, cols = weight.shape
+    groups = weight.float().reshape(rows, cols // group, group)
+    low = groups.amin(dim=-1).clamp(max=0)
+    high = groups.amax(dim=-1).clamp(min=0)
+    # An all-zero group gets the smallest normal float32 step (a power of two: exact anywhere).
+    scale = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    mantissa, exponent = torch.frexp(scale)  # mantissa in [0.5, 1)
+    scale = torch.ldexp(torch.ceil(mantissa * 32) / 32, exponent)
+    zero_point = (-8 - torch.round(low / scale)).clamp(-8, 7)
+    return scale.to(weight.dtype), zero_point.to(torch.int8)
+
+
+def _to_int4_opaque(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` (an `IntxUnpackedToInt8Tensor` holding int4) as an `Int4OpaqueTensor` with the
+    same values, or None where the CPU kernel cannot take it exactly."""
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    if not isinstance(weight, IntxUnpackedToInt8Tensor) or weight.device.type != "cpu":
+        return None
+    out_features, in_features = weight.shape
+    group = weight.block_size[-1]
+    if (
+        weight.target_dtype != torch.int4
+        # The kernel is fast with bf16 activations only (8x slower with fp32, measured), and its
+        # scales and zeros must be in the activations' dtype.
+        or weight.dtype != torch.bfloat16
+        or weight.block_size[0] != 1
+        or in_features % group
+        or out_features % OUT_MULTIPLE
+    ):
+        return None
+    scale = weight.scale.to(weight.dtype)
+    zero = -weight.zero_point.to(weight.dtype) * scale
+    exact = -weight.zero_point.double() * weight.scale.double()
+    if not (torch.equal(scale.double(), weight.scale.double()) and torch.equal(zero.double(), exact)):
+        # Another tool's qparams whose float zero bf16 cannot hold: keep the saved layout rather
+        # than change the weights.
+        return None
+    # Signed int4 [-8, 7] -> the kernel's unsigned nibbles [0, 15]; it subtracts 8 back.
+    nibbles = weight.qdata.to(torch.int32) + 8
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)  # inner k tiles: unused on CPU
+    scale_and_zero = pack_tinygemm_scales_and_zeros(scale, zero, weight.dtype)
+    return Int4OpaqueTensor(packed, scale_and_zero, [1, group], weight.shape)
+
+
+@register_method
+class Int8(_TorchaoMethod):
+    """int8 weight-only, one fp32 scale per output row (torchao's `Int8WeightOnlyConfig`)."""
+
+    name: ClassVar[str] = "int8"
+    tensor_types: ClassVar[tuple[str, ...]] = ("Int8Tensor",)
+    config_types: ClassVar[tuple[str, ...]] = ("Int8WeightOnlyConfig",)
+
+    def torchao_config(self, layer_settings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return Int8WeightOnlyConfig()
+
+    def saved_config(self) -> Any:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return Int8WeightOnlyConfig()
+
+    def theoretical_bytes(self, shape: tuple[int, int], layer_settings: dict[str, Any]) -> int:
+        """One byte per value, plus per row an fp32 scale and the int8 zero point torchao saves
+        (always 0: the mapping is symmetric).
+
+        Args:
+            shape: (out_features, in_features).
+            layer_settings: unused (per row, no choices).
+        """
+        out_features, in_features = shape
+        return out_features * in_features + out_features * (4 + 1)
+
+
+@register_method
+class Fp8(_TorchaoMethod):
+    """float8 (e4m3) weight-only, one fp32 scale per output row (`Float8WeightOnlyConfig`)."""
+
+    name: ClassVar[str] = "fp8"
+    tensor_types: ClassVar[tuple[str, ...]] = ("Float8Tensor",)
+    config_types: ClassVar[tuple[str, ...]] = ("Float8WeightOnlyConfig",)
+
+    def torchao_config(self, layer_settings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        return Float8WeightOnlyConfig()
+
+    def saved_config(self) -> Any:
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        return Float8WeightOnlyConfig()
+
+    def theoretical_bytes(self, shape: tuple[int, int], layer_settings: dict[str, Any]) -> int:
+        """One byte per value plus an fp32 scale per row.
+
+        Args:
+            shape: (out_features, in_features).
+            layer_settings: unused (per row, no choices).
+        """
+        out_features, in_features = shape
+        return out_features * in_features + out_features * 4

@@ -1,0 +1,495 @@
+"""torchao's int4 / int8 / fp8: single layers, then tiny perturbed checkpoints of every family.
+
+Bounds, from the formats (the fixtures' weights are Gaussian):
+
+- Weight error. A b-bit quantizer splits a range into 2^b - 1 steps s, and rounding leaves an
+  RMS error of s / sqrt(12). The range is max - min per group for int4 (asymmetric) and
+  2 absmax per row for int8 (symmetric); either is about 2 x 2.6 sigma for 32..96 Gaussian
+  values, so the relative RMS weight error is about 5.2 / 15 / sqrt(12) = 10% for int4 and
+  5.2 / 255 / sqrt(12) = 0.6% for int8. fp8 e4m3 keeps 3 mantissa
+  bits: rounding to nearest leaves at most 2^-4 of each weight, an RMS of about 2^-4 / sqrt(3) =
+  3.6%. `test_weight_error_is_the_formats` holds single layers to these figures (+10%).
+- Logits against the bf16 base model. A relative error e in a weight matrix gives about e in its
+  product with unrelated activations. The models have 2 layers of 2 sub-blocks, each with two
+  quantized products in series (v then o; gate/up then down): 8 independent errors of size e,
+  which add in quadrature to sqrt(8) e = 2.8 e on the residual stream. Nonlinearities of random,
+  untrained weights (softmax, gating, xIELU) can amplify that somewhat, so we allow 4 e:
+  int4 40%, fp8 14%, int8 2.4%. (Measured: 0.3-1.8 e for int4, 0.8-2.9 e for int8, 0.3-1.3 e
+  for fp8; the worst is always Apertus.) bf16's own rounding (2^-8 per op) is far
+  below all three.
+- hubquant against transformers on the same folder. int8 and fp8 run the same torchao tensor code
+  in both, on a decoder that matches transformers' bf16 logits bit for bit, so the logits must be
+  equal. int4 differs by kernel: transformers dequantizes q * s to bf16 (at most half a bf16 ulp,
+  2^-9 relative, RMS about 2^-9 / sqrt(3) = 0.1%) and runs a bf16 matmul; hubquant's CPU kernel
+  applies q * s in fp32. Through the same 4x allowance that is 0.5%; we allow 1% since both sides
+  also round activations to bf16 at every op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import BASE, sample_ids
+from safetensors import safe_open
+from torch import nn
+
+import hubquant
+from hubquant.errors import HubquantError
+from hubquant.quantize.core import quantize, quantize_checkpoint
+from hubquant.quantize.torchao_methods import Fp8, Int4, Int8
+
+FAMILIES = ["llama_gqa", "gemma_mqa", "phi_partial", "apertus"]
+METHODS = ["int4", "int8", "fp8"]
+CLASSES = {"int4": Int4, "int8": Int8, "fp8": Fp8}
+# Relative logit error bounds against the bf16 base model (see the module docstring).
+LOGIT_BOUND = {"int4": 0.40, "int8": 0.024, "fp8": 0.14}
+# hubquant against transformers on the same saved folder.
+HF_BOUND = {"int4": 0.01, "int8": 0.0, "fp8": 0.0}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _linear(out_features: int, in_features: int, seed: int = 0, bias: bool = False) -> nn.Linear:
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=bias, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=gen) * 0.05)
+        if bias:
+            layer.bias.copy_(torch.randn(out_features, generator=gen) * 0.05)
+    return layer
+
+
+def _dense(module: nn.Module) -> torch.Tensor:
+    """The weight a module computes with, read through its own kernel: W^T = module(I) - bias."""
+    eye = torch.eye(module.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = torch.nn.functional.linear(eye, module.weight)
+    return out.T
+
+
+# --- single layers -----------------------------------------------------------------------------
+
+
+def test_int4_plan_picks_group_size_per_layer_and_says_why_it_skips():
+    int4 = Int4()  # 128 by default
+    meta = {}
+    for out_f, in_f in [(64, 256), (64, 576), (64, 96), (64, 48), (40, 128)]:
+        with torch.device("meta"):
+            meta[(out_f, in_f)] = nn.Linear(in_f, out_f)
+    assert int4.plan("a", meta[(64, 256)]) == {"group_size": 128, "hqq": False}
+    assert int4.plan("a", meta[(64, 576)]) == {"group_size": 64, "hqq": False}  # SmolLM2's width
+    assert int4.plan("a", meta[(64, 96)]) == {"group_size": 32, "hqq": False}
+    assert "input width 48" in int4.plan("a", meta[(64, 48)])
+    assert "output width 40" in int4.plan("a", meta[(40, 128)])
+    assert Int4(group_size=256, hqq=True).plan("a", meta[(64, 576)]) == {"group_size": 64, "hqq": True}
+    assert Int4(group_size=32).plan("a", meta[(64, 256)]) == {"group_size": 32, "hqq": False}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Int4(group_size=16),
+        lambda: Int4(group_size=-64),
+        lambda: Int4(group_size=0),
+        lambda: Int4(group_size="64"),
+        lambda: Int4(group_size=True),
+        lambda: Int4(hqq="yes"),
+        lambda: Int4(bits=3),
+        lambda: Int8(group_size=64),
+        lambda: Fp8(hqq=True),
+    ],
+)
+def test_bad_settings_are_one_line_errors(make):
+    with pytest.raises(HubquantError) as info:
+        make()
+    assert "\n" not in str(info.value)
+
+
+def test_int4_runtime_layout_holds_the_saved_values_exactly():
+    layer = _linear(64, 128, bias=True)
+    int4 = Int4(group_size=32)
+    saved = int4.quantize(layer, int4.plan("x", layer))
+    runtime = int4.to_runtime(saved)
+    assert type(saved.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert type(runtime.weight).__name__ == "Int4OpaqueTensor"
+    # Same dequantized weight, bit for bit, read through each layout's own kernel.
+    assert torch.equal(_dense(runtime), saved.weight.dequantize())
+    assert torch.equal(_dense(saved), saved.weight.dequantize())
+    # The saved module is untouched (core still writes it) and both compute the same layer.
+    assert type(saved.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert rel(runtime(x), saved(x)) < 0.01
+    # Runtime bytes: 4 bits per value plus a bf16 scale and zero per group.
+    assert int4.runtime_bytes(runtime) == int4.theoretical_runtime_bytes((64, 128), {"group_size": 32})
+    assert int4.runtime_bytes(runtime) < int4.runtime_bytes(saved) * 0.6
+
+
+def test_int4_scales_make_the_kernels_zero_exact():
+    """Asymmetric, with scales of at most 5 significant bits, so that -zp * s is exact in bf16."""
+    layer = _linear(64, 128, seed=2)
+    int4 = Int4(group_size=32)
+    weight = int4.quantize(layer, int4.plan("x", layer)).weight
+    assert bool(weight.zero_point.ne(0).any())
+    assert weight.zero_point.min() >= -8 and weight.zero_point.max() <= 7
+    mantissa, _ = torch.frexp(weight.scale.float())
+    assert torch.equal(mantissa * 32, torch.round(mantissa * 32))
+    zero = -weight.zero_point.to(torch.bfloat16) * weight.scale
+    assert torch.equal(zero.double(), -weight.zero_point.double() * weight.scale.double())
+
+
+def test_int4_qparams_bf16_cannot_hold_keep_their_saved_layout():
+    """torchao's own asymmetric scales (another tool's checkpoint) give float zeros -zp * s that
+    bf16 cannot hold, so the layer keeps its saved layout rather than change value."""
+    from torchao.quantization import IntxWeightOnlyConfig, MappingType, PerGroup, quantize_
+
+    layer = _linear(32, 64)
+    quantize_(layer, IntxWeightOnlyConfig(torch.int4, PerGroup(32), mapping_type=MappingType.ASYMMETRIC))
+    assert bool(layer.weight.zero_point.ne(0).any())
+    assert Int4().to_runtime(layer) is layer
+    symmetric = _linear(32, 64)
+    quantize_(symmetric, IntxWeightOnlyConfig(torch.int4, PerGroup(32)))
+    assert type(Int4().to_runtime(symmetric).weight).__name__ == "Int4OpaqueTensor"
+
+
+def test_hqq_search_lowers_the_weight_error():
+    """HQQ's scale search is symmetric: it beats torchao's symmetric absmax scales on the weights
+    (and, zero points being 0, repacks exactly)."""
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
+
+    layer = _linear(64, 256, seed=3)
+    int4 = Int4(group_size=64, hqq=True)
+    hqq = int4.quantize(layer, int4.plan("x", layer))
+    assert not bool(hqq.weight.zero_point.ne(0).any())
+    assert torch.equal(_dense(int4.to_runtime(hqq)), hqq.weight.dequantize())
+    absmax = _linear(64, 256, seed=3)
+    quantize_(absmax, IntxWeightOnlyConfig(torch.int4, PerGroup(64)))
+    assert rel(hqq.weight.dequantize(), layer.weight) < rel(absmax.weight.dequantize(), layer.weight) < 0.11
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_weight_error_is_the_formats(method):
+    """The per-weight errors the logit bounds are built on (module docstring)."""
+    layer = _linear(64, 64, seed=5)
+    quantizer = CLASSES[method]()
+    saved = quantizer.quantize(layer, quantizer.plan("x", layer))
+    error = rel(saved.weight.dequantize(), layer.weight)
+    # The estimates above, with 10% room for how far absmax strays from its mean.
+    assert error < {"int4": 0.11, "int8": 0.0066, "fp8": 0.04}[method]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_metadata_is_what_torchao_writes(method):
+    """hf_metadata, computed before any weight exists, equals flatten_tensor_state_dict's."""
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    quantizer = CLASSES[method]()
+    layer = _linear(48, 96, bias=True)
+    settings = quantizer.plan("x", layer)
+    module = quantizer.quantize(layer, settings)
+    tensors, expected = flatten_tensor_state_dict(
+        {"m.weight": module.weight.detach(), "m.bias": module.bias.detach()}
+    )
+    got = quantizer.hf_metadata({"m.weight": ((48, 96), settings), "m.bias": ((48,), None)}, torch.bfloat16)
+    assert got == expected
+    assert set(tensors) == set(quantizer.hf_tensors(module, "m"))
+    assert quantizer.owns("m", set(tensors) | {"m2._weight_qdata", "n.weight"}) == set(tensors)
+
+
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [("int4", {}), ("int4", {"group_size": 64, "hqq": True}), ("int8", {}), ("fp8", {})],
+)
+@pytest.mark.parametrize("not_converted", [["lm_head"], ["model.layers.0.self_attn.k_proj", "lm_head"], []])
+def test_quantization_config_is_transformers(method, kwargs, not_converted):
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        MappingType,
+        PerGroup,
+    )
+    from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
+    from transformers import TorchAoConfig
+
+    quantizer = CLASSES[method](**kwargs)
+    if method == "int4" and kwargs.get("hqq"):
+        config = IntxWeightOnlyConfig(
+            weight_dtype=torch.int4,
+            granularity=PerGroup(kwargs["group_size"]),
+            intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY,
+        )
+    elif method == "int4":
+        config = IntxWeightOnlyConfig(
+            weight_dtype=torch.int4, granularity=PerGroup(128), mapping_type=MappingType.ASYMMETRIC
+        )
+    else:
+        config = Int8WeightOnlyConfig() if method == "int8" else Float8WeightOnlyConfig()
+    expected = TorchAoConfig(
+        quant_type=config,
+        modules_to_not_convert=not_converted or None,
+        include_input_output_embeddings="lm_head" not in not_converted,
+    ).to_dict()
+    got = quantizer.hf_quantization_config(not_converted)
+    assert json.loads(json.dumps(got)) == json.loads(json.dumps(expected))
+    back = type(quantizer).from_hf_config(got)
+    assert back is not None and back.name == method and back.settings == quantizer.settings
+    assert all(c.from_hf_config(got) is None for c in CLASSES.values() if c is not type(quantizer))
+
+
+def test_library_code_does_not_import_transformers():
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from torch import nn
+        from hubquant.quantize.torchao_methods import Int4, Int8, Fp8
+        for m in (Int4(group_size=32), Int8(), Fp8()):
+            layer = nn.Linear(64, 32, dtype=torch.bfloat16)
+            s = m.plan("x", layer)
+            q = m.to_runtime(m.quantize(layer, s))
+            m.hf_metadata({"x.weight": ((32, 64), s)}, torch.bfloat16)
+            m.hf_quantization_config(["lm_head"])
+        assert "transformers" not in sys.modules, "transformers was imported"
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+# --- tiny checkpoints of every family ----------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).float()
+
+
+def _variant(folder: Path, out: Path, method: str, ids: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
+    """Base logits, in-memory quantized logits and report, the saved folder and its reload."""
+    model, _ = hubquant.load(folder, dtype="bf16", progress=False)
+    base = _logits(model, ids)
+    report = quantize(model, method, progress=False, **kwargs)
+    memory = _logits(model, ids)
+    out, saved_report = quantize_checkpoint(folder, out, method, progress=False, **kwargs)
+    reloaded, _ = hubquant.load(out, progress=False)
+    return {
+        "base": base,
+        "memory": memory,
+        "report": report,
+        "saved_report": saved_report,
+        "out": out,
+        "reloaded": _logits(reloaded, ids),
+        "reloaded_model": reloaded,
+        "model": model,
+    }
+
+
+def _gemma_with_skips(tmp: Path) -> Path:
+    """A Gemma whose k/v outputs (12 wide) and o/down inputs (48, 80 wide) int4 cannot take."""
+    from conftest import perturb_
+    from transformers import AutoModelForCausalLM, GemmaConfig
+
+    config = GemmaConfig(
+        **{**BASE, "hidden_size": 64, "intermediate_size": 80, "num_key_value_heads": 1, "head_dim": 12}
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    perturb_(model)
+    folder = tmp / "gemma_skips"
+    model.save_pretrained(folder, max_shard_size="40KB")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def variants(hf_checkpoint, tmp_path_factory) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every (family, method) variant, plus int4 with skipped layers, int8 with the head
+    quantized (untied and tied), built once."""
+    tmp = tmp_path_factory.mktemp("torchao_variants")
+    ids = sample_ids()
+    made = {}
+    for case in FAMILIES:
+        folder, _ = hf_checkpoint(case)
+        for method in METHODS:
+            made[(case, method)] = _variant(folder, tmp / f"{case}-{method}", method, ids)
+    made[("gemma_skips", "int4")] = _variant(_gemma_with_skips(tmp), tmp / "skips-int4", "int4", ids)
+    for case in ("llama_gqa", "llama_bias_tied"):
+        folder, _ = hf_checkpoint(case)
+        made[(case, "int8-head")] = _variant(folder, tmp / f"{case}-head", "int8", ids, include_head=True)
+    made[("phi_partial", "int4-hqq")] = _variant(
+        hf_checkpoint("phi_partial")[0], tmp / "phi-hqq", "int4", ids, group_size=32, hqq=True
+    )
+    return made
+
+
+@pytest.fixture(scope="module")
+def transformers_logits(variants, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """transformers' logits for every saved folder, in one subprocess that never imports
+    hubquant: the folders must load with nothing but transformers and torchao."""
+    tmp = tmp_path_factory.mktemp("hf_logits")
+    torch.save(sample_ids(), tmp / "ids.pt")
+    folders = {f"{k[0]}|{k[1]}": str(v["out"]) for k, v in variants.items()}
+    (tmp / "folders.json").write_text(json.dumps(folders))
+    code = textwrap.dedent(
+        f"""
+        import json, sys, torch
+        from transformers import AutoModelForCausalLM
+        ids = torch.load({str(tmp / "ids.pt")!r})
+        out = {{}}
+        for key, folder in json.load(open({str(tmp / "folders.json")!r})).items():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+            kinds = sorted({{type(m.weight).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)}})
+            with torch.no_grad():
+                out[key] = (model(ids).logits.float(), kinds)
+        assert not any(m == "hubquant" or m.startswith("hubquant.") for m in sys.modules), "hubquant imported"
+        torch.save(out, {str(tmp / "hf.pt")!r})
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=tmp)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(tmp / "hf.pt")
+
+
+ALL = [(case, method) for case in FAMILIES for method in METHODS]
+
+
+@pytest.mark.parametrize("case,method", ALL)
+def test_quantized_logits_stay_close_to_the_base_model(variants, case, method):
+    v = variants[(case, method)]
+    error = rel(v["memory"], v["base"])
+    assert error < LOGIT_BOUND[method], f"{case} {method}: {error:.4f}"
+    assert error > 0  # something was quantized
+    assert not v["report"].skipped
+
+
+@pytest.mark.parametrize("case,method", [*ALL, ("gemma_skips", "int4"), ("phi_partial", "int4-hqq")])
+def test_saved_variant_reloads_to_identical_logits(variants, case, method):
+    v = variants[(case, method)]
+    assert torch.equal(v["reloaded"], v["memory"])
+    kind = {"int4": "Int4OpaqueTensor", "int8": "Int8Tensor", "fp8": "Float8Tensor"}[method.split("-")[0]]
+    assert type(v["reloaded_model"].layers[0].mlp.up.weight).__name__ == kind
+    assert v["reloaded_model"].quant_report.method == method.split("-")[0]
+
+
+@pytest.mark.parametrize(
+    "case,method",
+    [*ALL, ("gemma_skips", "int4"), ("llama_gqa", "int8-head"), ("llama_bias_tied", "int8-head")],
+)
+def test_transformers_loads_the_folder_with_matching_logits(variants, transformers_logits, case, method):
+    v = variants[(case, method)]
+    hf, kinds = transformers_logits[f"{case}|{method}"]
+    expected_kind = {"int4": "IntxUnpackedToInt8Tensor", "int8": "Int8Tensor", "fp8": "Float8Tensor"}
+    assert expected_kind[method.split("-")[0]] in kinds
+    error = rel(hf, v["reloaded"])
+    assert error <= HF_BOUND[method.split("-")[0]], f"{case} {method}: {error:.2e}"
+
+
+@pytest.mark.parametrize("case,method", [*ALL, ("gemma_skips", "int4"), ("phi_partial", "int4-hqq")])
+def test_disk_bytes_match_the_format(variants, case, method):
+    """Bytes of each quantized weight in the shards (scales and zero points included) are within
+    5% of the method's theoretical figure, and the report records exactly those bytes."""
+    v = variants[(case, method)]
+    report = v["saved_report"]
+    quantizer = CLASSES[method.split("-")[0]](**report.settings)
+    disk: dict[str, int] = {}
+    for shard in v["out"].glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as f:
+            for key in f.keys():
+                if "._weight_" in key:
+                    prefix = key.split("._weight_")[0]
+                    disk[prefix] = disk.get(prefix, 0) + f.get_tensor(key).nbytes
+    quantized = [r for r in report.layers if not r.skipped]
+    assert len(disk) == len(quantized) > 0
+    theory = sum(quantizer.theoretical_bytes(r.shape, r.settings) for r in quantized)
+    assert abs(sum(disk.values()) - theory) <= 0.05 * theory
+    assert sum(r.disk_bytes for r in quantized) == sum(disk.values())
+    if method.startswith("int4"):
+        runtime = sum(quantizer.theoretical_runtime_bytes(r.shape, r.settings) for r in quantized)
+        assert sum(r.runtime_bytes for r in quantized) == runtime
+
+
+def test_int4_group_sizes_follow_each_layers_width(variants):
+    """Default 128 divides none of these widths: 32- and 96-wide inputs take 32, 64-wide take 64."""
+    for case in FAMILIES:
+        for record in variants[(case, "int4")]["saved_report"].layers:
+            width = record.shape[1]
+            assert record.settings["group_size"] == (64 if width % 64 == 0 else 32), (case, record)
+    hqq = variants[("phi_partial", "int4-hqq")]["saved_report"]
+    assert {r.settings["group_size"] for r in hqq.layers} == {32}
+    assert all(r.settings["hqq"] for r in hqq.layers)
+
+
+def test_skipped_layers_are_listed_with_their_reasons(variants):
+    v = variants[("gemma_skips", "int4")]
+    for report in (v["report"], v["saved_report"]):
+        skipped = {r.name.split(".", 2)[2]: r.skipped for r in report.skipped}
+        assert set(skipped) == {"attn.k", "attn.v", "attn.o", "mlp.down"}
+        assert "output width 12" in skipped["attn.k"] and "output width 12" in skipped["attn.v"]
+        assert "input width 48" in skipped["attn.o"] and "input width 80" in skipped["mlp.down"]
+        assert {r.name.split(".", 2)[2] for r in report.layers if not r.skipped} == {
+            "attn.q",
+            "mlp.gate",
+            "mlp.up",
+        }
+    config = json.loads((v["out"] / "config.json").read_text())["quantization_config"]
+    not_converted = set(config["modules_to_not_convert"])
+    assert {"model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj", "lm_head"} <= not_converted
+    assert config["include_input_output_embeddings"] is False
+    # Skipped layers are saved as plain weights, in the base dtype.
+    with open(v["out"] / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    assert "model.layers.0.self_attn.k_proj.weight" in weight_map
+    assert "model.layers.0.self_attn.q_proj._weight_qdata" in weight_map
+    assert rel(v["memory"], v["base"]) < LOGIT_BOUND["int4"]
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "llama_bias_tied"])
+def test_include_head_quantizes_the_head(variants, case):
+    v = variants[(case, "int8-head")]
+    assert type(v["model"].lm_head.weight).__name__ == "Int8Tensor"
+    assert type(v["reloaded_model"].lm_head.weight).__name__ == "Int8Tensor"
+    assert torch.equal(v["reloaded"], v["memory"])
+    assert rel(v["memory"], v["base"]) < LOGIT_BOUND["int8"]
+    config = json.loads((v["out"] / "config.json").read_text())
+    assert config["quantization_config"]["include_input_output_embeddings"] is True
+    assert config["quantization_config"]["modules_to_not_convert"] is None
+
+
+def test_every_shard_carries_the_whole_checkpoints_metadata(variants):
+    """transformers merges the shards' metadata and unflattens every name it lists, so each shard
+    carries the entries of all tensors, and the names are exactly the checkpoint's."""
+    from torchao.prototype.safetensors.safetensors_utils import is_metadata_torchao
+
+    for key in [("llama_gqa", "int4"), ("gemma_skips", "int4"), ("phi_partial", "fp8")]:
+        out = variants[key]["out"]
+        metadata, names = [], set()
+        for shard in sorted(out.glob("*.safetensors")):
+            with safe_open(shard, framework="pt") as f:
+                metadata.append(f.metadata())
+                names |= {k.split("._weight_")[0] + ".weight" if "._weight_" in k else k for k in f.keys()}
+        assert all(m == metadata[0] for m in metadata) and is_metadata_torchao(metadata[0])
+        assert set(json.loads(metadata[0]["tensor_names"])) == names
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bf16_variant_loads_in_fp32(variants, method):
+    """Loading in another dtype rebuilds each weight to compute in it, values unchanged."""
+    v = variants[("llama_gqa", method)]
+    model, _ = hubquant.load(v["out"], dtype="fp32", progress=False)
+    assert model.layers[0].attn.q.weight.dtype == torch.float32
+    assert rel(_logits(model, sample_ids()), v["reloaded"]) < 0.01

@@ -437,6 +437,11 @@ def report_quantize() -> list[tuple[str, bool]]:
             verdicts.append((f"{method} decode hubquant >= transformers", ours >= ref))
         if method == "int4":
             verdicts.append(("int4 decode >= 1.5x hubquant bf16", ours >= 1.5 * base_ours))
+    return verdicts
+
+
+def report_bounded() -> list[tuple[str, bool]]:
+    verdicts = []
     big = synthetic_checkpoint()
     model_gb = sum(f.stat().st_size for f in big.glob("*.safetensors")) / 1e9
     layer_mb = max(f.stat().st_size for f in big.glob("*.safetensors")) / 1e6
@@ -466,7 +471,6 @@ def report_quantize() -> list[tuple[str, bool]]:
 
 
 def report_eval() -> list[tuple[str, bool]]:
-    import shutil
 
     import transformers
 
@@ -500,7 +504,13 @@ def report_eval() -> list[tuple[str, bool]]:
     print(
         f"hubquant perplexity+KLD pass  {tokens / both_s:8.1f} tok/s   (the base's forward recomputed: 2 forwards)"
     )
-    verdicts = [("eval scoring pass >= transformers", ok)]
+    return [("eval scoring pass >= transformers", ok)]
+
+
+def report_make_eval() -> list[tuple[str, bool]]:
+    import shutil
+
+    verdicts = []
     out = CACHE / "make-eval-default"
     shutil.rmtree(out, ignore_errors=True)
     exe = Path(sys.executable).parent / "hubquant"
@@ -541,7 +551,19 @@ def main() -> None:
     parser.add_argument("--child-convert", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-quantize", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--only", choices=["startup", "dequant", "load", "speed", "convert", "quantize", "eval"], default=None
+        "--only",
+        choices=[
+            "startup",
+            "dequant",
+            "load",
+            "speed",
+            "convert",
+            "quantize",
+            "bounded",
+            "eval",
+            "make-eval",
+        ],
+        default=None,
     )
     args = parser.parse_args()
     if args.child:
@@ -564,8 +586,12 @@ def main() -> None:
         verdicts += report_convert()
     if args.only in (None, "quantize"):
         verdicts += report_quantize()
+    if args.only in (None, "bounded"):
+        verdicts += report_bounded()
     if args.only in (None, "eval"):
         verdicts += report_eval()
+    if args.only in (None, "make-eval"):
+        verdicts += report_make_eval()
     print("\n## Targets")
     for name, ok in verdicts:
         print(f"{name:52} {'met' if ok else 'MISSED'}")

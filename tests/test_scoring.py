@@ -151,3 +151,29 @@ def test_run_resumes_after_an_interrupted_variant(smollm2_folder: Path, tmp_path
     assert results["rows"][0] == first["rows"][0]
     with pytest.raises(HubquantError, match="--force"):  # other settings: no silent mixing
         run.run_eval(str(smollm2_folder), **{**args, "ctx": 64})
+
+
+def test_datasets(tmp_path: Path):
+    from hubquant.evaluate.data import load_text
+
+    docs = load_text("python-docs")
+    assert len(docs.text) > 100_000 and len(docs.sha256) == 64
+    path = tmp_path / "mine.txt"
+    path.write_text("héllo world\n" * 10, encoding="utf-8")
+    mine = load_text(str(path))
+    assert mine.text.startswith("héllo") and mine.name == "mine.txt"
+    for bad, named in [(str(tmp_path / "none.txt"), "not found"), ("wikitext3", "unknown")]:
+        with pytest.raises(HubquantError, match=named):
+            load_text(bad)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(HubquantError, match="empty"):
+        load_text(str(tmp_path / "empty.txt"))
+
+
+def test_wikitext2_offline_without_cache_is_one_line():
+    """HF_HUB_OFFLINE is set for the tests and the dataset was never fetched here."""
+    from hubquant.evaluate.data import load_text
+
+    with pytest.raises(HubquantError) as info:
+        load_text("wikitext2")
+    assert "\n" not in str(info.value) and "python-docs" in str(info.value)

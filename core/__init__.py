@@ -83,14 +83,32 @@ class _LazyPackage(types.ModuleType):
     lazily) had imported it. So such a binding is dropped; the submodule stays reachable through
     `sys.modules` and `from hubquant.models.generate import ...`, as before.
 
-    A package opts in with `sys.modules[__name__].__class__ = _LazyPackage`; its `_LAZY` dict
-    names its public lazy attributes.
+    It also resolves the package's lazy names: a package opts in with
+    `sys.modules[__name__].__class__ = _LazyPackage`, and its `_LAZY` dict maps each public name to
+    the submodule (relative to the package) that defines it.
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, types.ModuleType) and name in self.__dict__.get("_LAZY", ()):
             return
         super().__setattr__(name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        """Import a public name's submodule (`_LAZY`, relative to the package) on first access,
+        and cache the name in the package.
+
+        Args:
+            name: the attribute asked for.
+        """
+        module = self.__dict__.get("_LAZY", {}).get(name)
+        if module is None:
+            raise AttributeError(f"module '{self.__name__}' has no attribute '{name}'")
+        value = getattr(importlib.import_module(f".{module}", self.__name__), name)
+        self.__dict__[name] = value  # later lookups find it directly
+        return value
+
+    def __dir__(self) -> list[str]:
+        return sorted({*self.__dict__, *self.__dict__.get("__all__", ())})
 
 
 # `import hubquant.quantize.core` must not replace `hubquant.quantize` (the function) with the

@@ -6,9 +6,8 @@ package (as `hubquant eval` does on its way to `run.py`) costs nothing until a n
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hubquant import _LazyPackage
 
@@ -23,24 +22,6 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = ["PerplexityResult", "perplexity", "pydoc_text"]
-
-
-def __getattr__(name: str) -> Any:
-    """Import a public name's submodule on first access and cache the name here.
-
-    Args:
-        name: the attribute asked for.
-    """
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
 
 
 # A submodule import (run.py imports .perplexity) must not replace `perplexity`, the function.

@@ -6,9 +6,8 @@ does to read the dtype names in `config.py`) must not import torch.
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hubquant import _LazyPackage
 
@@ -48,24 +47,6 @@ __all__ = [
     "register",
     "supported_architectures",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """Import a public name's submodule on first access and cache the name here.
-
-    Args:
-        name: the attribute asked for.
-    """
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
 
 
 # A submodule import must not replace `generate` (the function) with models/generate.py.

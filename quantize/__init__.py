@@ -10,7 +10,6 @@ used, and `push` needs none of them.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -31,24 +30,6 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = ["LayerRecord", "QuantReport", "push", "quantize", "quantize_checkpoint"]
-
-
-def __getattr__(name: str) -> Any:
-    """Import a public name's submodule on first access and cache the name here.
-
-    Args:
-        name: the attribute asked for.
-    """
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
 
 
 class _QuantizePackage(_LazyPackage):

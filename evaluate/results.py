@@ -117,6 +117,9 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(results, f, indent=2, allow_nan=False)
             f.write("\n")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -64,8 +64,9 @@ def load_quantized(
             keys.update(dict.fromkeys(f.keys(), shard))
             metadata.update(f.metadata or {})  # transformers merges the shards' metadata too
     names = set(keys)
+    targets = _targets(model, family)
     owned: dict[str, set[str]] = {}
-    for prefix in _targets(model, family):
+    for prefix in targets:
         mine = method.owns(prefix, names)
         if mine:
             owned[prefix] = mine
@@ -73,7 +74,6 @@ def load_quantized(
         raise HubquantError(
             f"{folder} says it is quantized ({method.name}) but holds no quantized tensors; re-create it"
         )
-    targets = _targets(model, family)
     provided = frozenset(
         f"{targets[p].name}.{leaf}"
         for p in owned

@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
     from hubquant import quantize
     from hubquant.models.config import ModelConfig
     from hubquant.models.decoder import Decoder, KVCache
+    from hubquant.models.embed import embed
+    from hubquant.models.encoder import Encoder
     from hubquant.models.generate import generate
     from hubquant.models.loading import load
     from hubquant.models.tokenizer import Tokenizer
@@ -29,6 +31,8 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "Decoder": "hubquant.models.decoder",
     "KVCache": "hubquant.models.decoder",
+    "Encoder": "hubquant.models.encoder",
+    "embed": "hubquant.models.embed",
     "ModelConfig": "hubquant.models.config",
     "Tokenizer": "hubquant.models.tokenizer",
     "generate": "hubquant.models.generate",
@@ -42,11 +46,13 @@ _SUBMODULES = frozenset({"cli", "convert", "errors", "evaluate", "models", "quan
 
 __all__ = [
     "Decoder",
+    "Encoder",
     "HubquantError",
     "KVCache",
     "ModelConfig",
     "Tokenizer",
     "__version__",
+    "embed",
     "generate",
     "load",
     "quantize",

@@ -14,6 +14,8 @@ from hubquant import _LazyPackage
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
     from .config import ModelConfig, RopeConfig
     from .decoder import Decoder, KVCache
+    from .embed import embed
+    from .encoder import Encoder, build_model
     from .families import Family, family_for, register, supported_architectures
     from .generate import generate
     from .loading import load
@@ -22,6 +24,9 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
 # Public name -> the submodule (relative to this package) that defines it.
 _LAZY: dict[str, str] = {
     "Decoder": "decoder",
+    "Encoder": "encoder",
+    "build_model": "encoder",
+    "embed": "embed",
     "Family": "families",
     "KVCache": "decoder",
     "ModelConfig": "config",
@@ -36,6 +41,9 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "Decoder",
+    "Encoder",
+    "build_model",
+    "embed",
     "Family",
     "KVCache",
     "ModelConfig",

@@ -71,6 +71,21 @@ def shard_files(folder: Path) -> dict[str, list[str] | None]:
     raise HubquantError(f"{folder} has no model.safetensors or {SAFETENSORS_INDEX}")
 
 
+def hub_tensor_names(folder: Path, shards: dict[str, list[str] | None]) -> set[str]:
+    """Every tensor name the checkpoint holds: from the index, or from the shards' headers."""
+    names: set[str] = set()
+    for shard, listed in shards.items():
+        if listed is not None:
+            names.update(listed)
+            continue
+        try:
+            with SafetensorsFile(folder / shard) as f:
+                names.update(f.keys())
+        except OSError as error:
+            raise HubquantError(f"cannot read {folder / shard}: {error}") from None
+    return names
+
+
 def expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and persistent buffer by canonical name (tied ones once)."""
     persistent = set(model.state_dict(keep_vars=True))
@@ -136,7 +151,7 @@ def load_weights(
                         continue
                     known, canonical = family.to_canonical(hub_name)
                     if not known or (canonical is not None and canonical not in expected):
-                        if tie_embeddings and canonical == "lm_head.weight":
+                        if tie_embeddings and canonical in getattr(model, "tied_copies", ("lm_head.weight",)):
                             continue  # tied heads are served by the embeddings, as transformers does
                         raise HubquantError(
                             f"unexpected tensor {hub_name} in {shard}: the {family.name} model built "

@@ -104,6 +104,11 @@ class ModelConfig:
         max_position: the context length the checkpoint declares.
         rope: rotary settings.
         bos_token_id / eos_token_ids / pad_token_id: from config.json and generation_config.json.
+        kind: "decoder" (causal LM, RoPE, pre-norm: `Decoder`) or "encoder" (bidirectional,
+            absolute positions, post-norm: `Encoder`).
+        type_vocab_size: encoder only: rows of the token-type (segment) embedding.
+        pooler / mlm_head / nsp_head: encoder only: which heads the checkpoint carries (BERT's
+            tanh pooler; masked-LM head; next-sentence head).
     """
 
     vocab_size: int
@@ -132,6 +137,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    kind: Literal["decoder", "encoder"] = "decoder"
+    type_vocab_size: int = 0
+    pooler: bool = False
+    mlm_head: bool = False
+    nsp_head: bool = False
 
     def __post_init__(self) -> None:
         # These come straight from config.json, so the messages name its keys, not our fields.

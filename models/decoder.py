@@ -188,26 +188,36 @@ class Attention(nn.Module):
         self.q_norm = make_norm(cfg.qk_norm, hd, cfg) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg.qk_norm, hd, cfg) if cfg.qk_norm else None
         self.scale = hd**-0.5
+        self.causal = cfg.kind == "decoder"  # an encoder's tokens see both ways
         self.layer_idx = 0  # set by Decoder: which cache slice is ours
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
+        """Attention over `x` `[batch, seq, hidden]`.
+
+        Args:
+            rope: cos/sin tables, or None for a model with absolute positions (encoders).
+            mask: boolean, True where a query may see a key; None: causal (decoders) or
+                everything (encoders).
+            cache: the KV cache to append to (decoders).
+        """
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
         # No mask and more than one query: plain causal. One query and no mask: sees everything.
-        causal = mask is None and t > 1 and k.shape[2] == t
+        causal = self.causal and mask is None and t > 1 and k.shape[2] == t
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,

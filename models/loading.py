@@ -1,4 +1,4 @@
-"""`load()`: any supported Hub checkpoint into the canonical decoder and its tokenizer."""
+"""`load()`: any supported Hub checkpoint into its canonical model (decoder or encoder) and tokenizer."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 
 from hubquant.errors import HubquantError
 
-from .checkpoint import load_weights, read_config, read_json, shard_files
+from .checkpoint import hub_tensor_names, load_weights, read_config, read_json, shard_files
 from .config import torch_dtype
 from .decoder import Decoder
+from .encoder import Encoder, build_model
 from .families import family_for
 from .hub import resolve
 from .tokenizer import Tokenizer, eos_token_ids
@@ -24,8 +25,8 @@ def load(
     dtype: str | torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     progress: bool = True,
-) -> tuple[Decoder, Tokenizer | None]:
-    """Load a checkpoint into hubquant's canonical decoder.
+) -> tuple[Decoder | Encoder, Tokenizer | None]:
+    """Load a checkpoint into hubquant's canonical model: a `Decoder`, or an `Encoder` for BERT.
 
     Args:
         source: a Hub repo id ("HuggingFaceTB/SmolLM2-135M") or a local Hub-layout folder.
@@ -37,7 +38,8 @@ def load(
 
     Returns:
         `(model, tokenizer)`, the model in eval mode; tokenizer is None when the checkpoint ships
-        no tokenizer.json.
+        no tokenizer.json. An encoder also carries `model.tokenizer` and `model.sentence` (the
+        pooling and normalisation a sentence-transformers folder declares), which `embed` uses.
 
     Raises:
         HubquantError: for a bad dtype or device (before anything is downloaded), and for any
@@ -62,9 +64,11 @@ def load(
         else eos_token_ids(family.with_defaults(hf_config), gen_config, {}, None)
     )
     cfg = dataclasses.replace(cfg, eos_token_ids=eos)
+    if cfg.kind == "encoder":
+        cfg = family.adapt(cfg, hub_tensor_names(folder, shards))
 
     with torch.device("meta"):
-        model = Decoder(cfg)
+        model = build_model(cfg)
     if hf_config.get("quantization_config"):
         # A variant made by `hubquant quantize` (or by transformers): rebuilt as saved, never
         # re-quantized, then repacked into the fastest layout for `device`.
@@ -85,6 +89,11 @@ def load(
             shards=shards,
         )
     model.eval()
+    if isinstance(model, Encoder):
+        from .embed import read_sentence_config
+
+        model.sentence = read_sentence_config(folder, cfg)
+        model.tokenizer = tokenizer
     return model, tokenizer
 
 

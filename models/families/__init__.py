@@ -10,6 +10,7 @@ family is one class in one file here, plus its tests.
 | `gemma.py`   | `GemmaForCausalLM`    | `gemma`   |
 | `phi.py`     | `PhiForCausalLM`      | `phi2`    |
 | `apertus.py` | `ApertusForCausalLM`  | `apertus` |
+| `bert.py`    | `BertModel`, `BertForMaskedLM`, `BertForPreTraining` (encoders) | none |
 """
 
 from .apertus import Apertus
@@ -24,12 +25,16 @@ from .base import (
     supported_architectures,
     supported_gguf_architectures,
 )
+from .bert import BertForMaskedLM, BertForPreTraining, BertModel
 from .gemma import Gemma
 from .llama import Llama
 from .phi import Phi
 
 __all__ = [
     "Apertus",
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "BertModel",
     "Family",
     "GGUFMetadata",
     "Gemma",

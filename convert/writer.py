@@ -257,7 +257,11 @@ def _write_metadata(
     if src.generation_config is not None:
         _write_json(tmp / "generation_config.json", src.generation_config)
     for name, content in src.tokenizer_files.items():
-        (tmp / Path(name).name).write_bytes(content)  # names only: a source cannot write outside OUT
+        # A plain name, or one module folder deep (1_Pooling/config.json); never outside OUT.
+        parts = [part for part in Path(name).parts if part not in ("", ".", "..", "/")][-2:]
+        target = tmp.joinpath(*parts)
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(content)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     details = {
         "source": str(src.provenance.get("source", "unknown")),

@@ -35,6 +35,16 @@ TOKENIZER_FILES = (
 # or instead of tokenizer.json.
 SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 OPTIONAL_FILES = (GENERATION_CONFIG, *TOKENIZER_FILES)
+# A sentence-transformers model's pipeline (pooling, normalisation, truncation) and BERT's slow
+# vocabulary: fetched with the small files, carried into variants, so that a model embeds as its
+# base does (`hubquant.embed`, sentence-transformers). Module folders (`1_Pooling/`) that
+# `modules.json` names come too (`sentence_module_paths`).
+SENTENCE_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "vocab.txt",
+)
 # Parallel shard downloads: enough to fill a fast link, few enough not to trip the Hub's limits.
 MAX_WORKERS = 8
 
@@ -107,7 +117,8 @@ def index_shards(index_path: Path, where: str | None = None) -> list[str]:
 
 
 def _download(repo: str, revision: str | None, weights: str) -> Path:
-    small = [CONFIG, *OPTIONAL_FILES, *(SLOW_TOKENIZER_FILES if weights == "any" else ()), SAFETENSORS_INDEX]
+    small = [CONFIG, *OPTIONAL_FILES, *SENTENCE_FILES, SAFETENSORS_INDEX]
+    small += SLOW_TOKENIZER_FILES if weights == "any" else ()
     folder = _snapshot(repo, revision, revision, small)
     # Every later call names the commit this one resolved: no second revision lookup, and all
     # files come from one commit even if the branch moves meanwhile.
@@ -127,6 +138,9 @@ def _download(repo: str, revision: str | None, weights: str) -> Path:
         if listing is None and _offline():
             raise _not_cached(repo)
         raise HubquantError(f"{repo} has no config.json; it is not a transformers checkpoint")
+    modules = [f"{path}/config.json" for path in sentence_module_paths(folder)]
+    if modules:
+        fetch([name for name in modules if in_repo(name)])  # the pooling config, when declared
     kinds = [(SAFETENSORS_INDEX, SAFETENSORS)] + ([(BIN_INDEX, BIN)] if weights == "any" else [])
     for index_name, single in kinds:
         if index_name != SAFETENSORS_INDEX and in_repo(index_name):
@@ -152,6 +166,24 @@ def _download(repo: str, revision: str | None, weights: str) -> Path:
             f"{repo} has only pickle weights (pytorch_model*.bin); run `hubquant convert {repo} --out DIR` and load DIR"
         )
     raise HubquantError(f"{repo} has no model.safetensors or model.safetensors.index.json to load")
+
+
+def sentence_module_paths(folder: Path) -> list[str]:
+    """The module subfolders (`1_Pooling`, `2_Normalize`) a sentence-transformers `modules.json`
+    names, in its order; paths leaving the folder are ignored. Empty without `modules.json`."""
+    path = folder / "modules.json"
+    try:
+        modules = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        return []
+    out: list[str] = []
+    for module in modules if isinstance(modules, list) else []:
+        sub = module.get("path") if isinstance(module, dict) else None
+        if not isinstance(sub, str) or not sub or Path(sub).is_absolute() or ".." in Path(sub).parts:
+            continue
+        if sub not in out:
+            out.append(sub)
+    return out
 
 
 def _is_pickle(name: str) -> bool:

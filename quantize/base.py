@@ -1,9 +1,9 @@
 """The one small interface every quantization method implements, and the record of what it did.
 
-A method turns one `nn.Linear` of the canonical decoder into its quantized runtime module, says
-which tensors (in transformers' names and layout) and which safetensors metadata represent that
-module on disk, writes the `quantization_config` transformers expects in config.json, and rebuilds
-the runtime module from saved tensors. Everything else (walking the model layer by layer, streaming
+A method turns one `nn.Linear` of the canonical model (decoder or encoder) into its quantized
+runtime module, says which tensors (in transformers' names and layout) and which safetensors
+metadata represent that module on disk, writes the `quantization_config` transformers expects in
+config.json, and rebuilds the runtime module from saved tensors. Everything else (walking the model layer by layer, streaming
 a checkpoint, writing shards atomically, the model card) is shared and lives in `core.py`.
 
 Methods are registered by name (`int4`, `nf4`, `int8`, `fp8`), like families are.
@@ -167,10 +167,14 @@ class Method(ABC):
         return set()
 
     @abstractmethod
-    def hf_quantization_config(self, not_converted: list[str]) -> dict[str, Any]:
+    def hf_quantization_config(
+        self, not_converted: list[str], *, head_quantized: bool | None = None
+    ) -> dict[str, Any]:
         """config.json's `quantization_config`, as transformers writes it for this method;
-        `not_converted` lists the Hub module names left in the base dtype (the head among them
-        unless it was quantized)."""
+        `not_converted` lists the Hub module names of every Linear left in the base dtype (the
+        head among them unless it was quantized; an encoder's pooler and heads), and
+        `head_quantized` says whether the output head was quantized (None: whether `lm_head`,
+        a decoder's head, is absent from `not_converted`)."""
 
     @classmethod
     @abstractmethod

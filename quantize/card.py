@@ -94,6 +94,35 @@ _RESULT_COLUMNS: dict[str, tuple[str, str]] = {
 
 _LICENSE_KEYS = ("license", "license_name", "license_link")
 
+# Encoder architectures: the Hub pipeline tag, and the Linears outside the layers that stay in the
+# base dtype (the masked-LM decoder among them unless the head was quantized). A decoder is a
+# text-generation model whose one such Linear is its output head.
+_MLM_DECODER = "the masked-LM decoder"
+_ENCODERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "BertModel": ("feature-extraction", ("the pooler",)),
+    "BertForMaskedLM": ("fill-mask", ("the masked-LM transform", _MLM_DECODER)),
+    "BertForPreTraining": (
+        "fill-mask",
+        ("the pooler", "the masked-LM transform", _MLM_DECODER, "the next-sentence head"),
+    ),
+}
+
+
+def _task(base_config: Mapping[str, Any], head_quantized: bool) -> tuple[str, str, str]:
+    """(the pipeline tag, what besides the projections stays in the base dtype, what became of the
+    output head), from the base model's architecture and whether its output head was quantized."""
+    archs = base_config.get("architectures")
+    arch = str(archs[0]) if isinstance(archs, list) and archs else ""
+    tag, heads = _ENCODERS.get(arch, ("text-generation", ("the output head",)))
+    head = "quantized" if head_quantized else "kept in the base dtype"
+    if not any(h in ("the output head", _MLM_DECODER) for h in heads):
+        head = "none (a bare encoder)"
+    if head_quantized:
+        heads = tuple(h for h in heads if h not in ("the output head", _MLM_DECODER))
+    kept = ["embeddings", "norms", *heads]
+    return tag, f"{', '.join(kept[:-1])} and {kept[-1]}", head
+
+
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|#])")
 
 
@@ -385,14 +414,15 @@ def render_card(
     meta["library_name"] = "transformers"
     meta.update(_license(base_model, source_folder))
     meta["tags"] = tags
-    meta["pipeline_tag"] = "text-generation"
+    pipeline_tag, kept, head = _task(base_config, head_quantized)
+    meta["pipeline_tag"] = pipeline_tag
 
     settings_rows = [
         ["method", f"{data['method']}: {method.title}"],
         ["library", f"{data['library']} {data['library_version']}"],
         *([key, "default" if value is None else value] for key, value in data["settings"].items()),
         ["quantized layers", f"{len(layers) - len(skipped)} of {len(layers)}"],
-        ["output head", "quantized" if head_quantized else "kept in the base dtype"],
+        ["output head", head],
     ]
     per_layer = Counter(_settings_text(layer["settings"]) for layer in layers if not layer.get("skipped"))
     disk = sum(int(layer.get("disk_bytes", 0)) for layer in layers)
@@ -452,13 +482,14 @@ def render_card(
             hubquant_version=__version__,
             report=data,
             skipped=[[layer["name"], _shape_text(layer["shape"]), layer["skipped"]] for layer in skipped],
-            kept="embeddings and norms" if head_quantized else "embeddings, norms and the output head",
+            kept=kept,
             base_dtype=_base_dtype(folder, base_config),
             settings_rows=settings_rows,
             per_layer=[[text, count] for text, count in sorted(per_layer.items())],
             size_rows=size_rows,
             evaluation=_evaluation(results),
             model_id_line=Markup(model_id_line),
+            pipeline_tag=pipeline_tag,
             reproduce=Markup(reproduce) if reproduce else None,
         )
     )

@@ -1,10 +1,16 @@
 """Quantize a loaded model in place, or stream a checkpoint into a quantized Hub folder.
 
-Both walk the decoder one layer at a time. Streaming (`quantize_checkpoint`) never holds more than
-one layer in full precision: each layer's tensors are read from the shards, its projections are
-quantized, the layer is written as its own safetensors shard in transformers' names and layout, and
-everything of it is freed before the next layer is read. The folder is built under a temporary name
-and renamed into place when complete, as `convert` does.
+Both walk the model (a decoder, or a BERT encoder) one layer at a time and quantize each layer's
+projections (attention q/k/v/o, MLP gate/up/down). Every other `nn.Linear` (the output head unless
+`include_head`; an encoder's pooler, masked-LM transform and next-sentence head) stays in the base
+dtype and is listed as not converted in the saved `quantization_config`, so that transformers
+loads it as a plain Linear.
+
+Streaming (`quantize_checkpoint`) never holds more than one layer in full precision: each layer's
+tensors are read from the shards, its projections are quantized, the layer is written as its own
+safetensors shard in transformers' names and layout, and everything of it is freed before the next
+layer is read. The folder is built under a temporary name and renamed into place when complete, as
+`convert` does.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from hubquant.errors import HubquantError
 
 from .base import LayerRecord, Method, QuantReport, get_method, tensor_bytes
 
-# Projections of a decoder layer, by canonical module name; all of them are quantized.
+# Projections of a layer (decoder or encoder), by canonical module name; all of them are quantized.
 PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 HEAD = "lm_head"
 
@@ -40,6 +46,26 @@ def _projections(model: nn.Module, layer: int) -> Iterator[_Target]:
         module = block.get_submodule(short) if _has(block, short) else None
         if isinstance(module, nn.Linear):
             yield _Target(f"layers.{layer}.{short}", module)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Canonical names of every `nn.Linear` of a model (quantized modules included: bitsandbytes'
+    `Linear4bit` is one), in module order; a tied head is listed once, as `lm_head`."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def hub_module(family: Any, name: str) -> str:
+    """The Hub (transformers) module name of canonical module `name` ("layers.0.attn.q" ->
+    "model.layers.0.self_attn.q_proj")."""
+    return family.to_hub(f"{name}.weight")[: -len(".weight")]
+
+
+def _check_head(model: nn.Module, include_head: bool) -> None:
+    if include_head and not isinstance(getattr(model, HEAD, None), nn.Linear):
+        raise HubquantError(
+            "include_head asked for, but this model has no output head to quantize (a bare encoder, "
+            "BertModel); leave out include_head (--include-head)"
+        )
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -96,15 +122,21 @@ def quantize(
     it, so the process holds the quantized model plus at most one layer in full precision.
 
     Args:
-        model: the canonical decoder (not already quantized).
+        model: the canonical decoder or encoder (not already quantized).
         method: "int4", "nf4", "int8", "fp8", or a configured `Method`.
         group_size: int4's group size (default 128, falling back to 64 or 32 per layer).
         hqq: int4 only: choose scales with HQQ's parameter search.
-        include_head: also quantize the output head (untied from the embeddings if tied).
+        include_head: also quantize the output head (a decoder's `lm_head`, an encoder's masked-LM
+            decoder), untied from the embeddings if tied. An encoder's pooler, masked-LM transform
+            and next-sentence head always stay in the base dtype.
         progress: show a progress bar.
 
     Returns:
         The report: settings per layer, skipped layers and why, bytes.
+
+    Raises:
+        HubquantError: the model is already quantized, settings the method refuses, or
+            include_head for a model without an output head.
     """
     from tqdm.auto import tqdm
 
@@ -116,6 +148,7 @@ def quantize(
         if method != "int4" and (group_size is not None or hqq):
             raise HubquantError(f"--group-size and --hqq apply to int4 only, not to {method}")
         method = get_method(method, **settings)
+    _check_head(model, include_head)
     report = new_report(method)
     with torch.no_grad():
         for layer in tqdm(range(len(model.layers)), desc=f"quantize {method.name}", disable=not progress):
@@ -158,7 +191,9 @@ def quantize_checkpoint(
     Args:
         source: a Hub repo id or a local Hub-layout folder, as for `hubquant.load`.
         out: the output folder (built beside itself, renamed into place when complete).
-        method, group_size, hqq, include_head: as for `quantize`.
+        method, group_size, hqq, include_head: as for `quantize`. The folder holds the same
+            tensors as the source (tied ones once), the quantized projections in the method's
+            layout, everything else in `dtype`.
         dtype: the base dtype of everything not quantized (and of int4's scales).
         revision: Hub branch, tag or commit.
         force: replace a non-empty `out`.
@@ -187,6 +222,7 @@ def quantize_checkpoint(
         raise HubquantError(f"{source} is already quantized ({kind}); quantize its base model instead")
     family = family_for(hf_config)
     streamer = _LayerStreamer(folder, family, hf_config, shard_files(folder), target_dtype)
+    _check_head(streamer.model, include_head)
     with staging(out, force) as tmp:
         report = _write_quantized(streamer, quantizer, tmp, include_head, progress)
         _write_metadata(folder, tmp, hf_config, quantizer, report, target_dtype, streamer, source)
@@ -200,21 +236,25 @@ class _LayerStreamer:
     def __init__(
         self, folder: Path, family: Any, hf_config: dict[str, Any], shards: dict, dtype: torch.dtype
     ):
-        from hubquant.models.checkpoint import expected_tensors
-        from hubquant.models.decoder import Decoder
+        from hubquant.models.checkpoint import expected_tensors, hub_tensor_names
+        from hubquant.models.encoder import build_model
         from hubquant.models.safetensors_file import SafetensorsFile
 
         self.folder, self.family, self.dtype = folder, family, dtype
         self.config = family.config(hf_config)
+        if self.config.kind == "encoder":  # as `load` builds it (a BertModel saved without pooler)
+            self.config = family.adapt(self.config, hub_tensor_names(folder, shards))
         with torch.device("meta"):
-            self.model = Decoder(self.config)
+            self.model = build_model(self.config)
         self.expected = expected_tensors(self.model)
+        # Stored copies of tied tensors (the head's weight; BERT's MLM decoder bias): not read.
+        tied = getattr(self.model, "tied_copies", (f"{HEAD}.weight",)) if self.config.tie_embeddings else ()
         self.where: dict[str, tuple[str, str]] = {}  # canonical -> (shard, hub name)
         for shard in shards:
             with SafetensorsFile(folder / shard) as f:
                 for hub_name in f.keys():
                     known, canonical = family.to_canonical(hub_name)
-                    if canonical is None or (self.config.tie_embeddings and canonical == "lm_head.weight"):
+                    if canonical is None or canonical in tied:
                         if not known:
                             raise HubquantError(
                                 f"unexpected tensor {hub_name} in {shard}: the {family.name} model built "
@@ -261,7 +301,6 @@ class _LayerStreamer:
     def release(self, layer: int | None) -> None:
         """Drop a layer's (or the globals') tensors: back to the meta device."""
         from hubquant.models.checkpoint import _assign
-        from hubquant.models.decoder import Block
 
         if layer is None:  # embeddings and head: for a 70B model, gigabytes
             for name in self.group(None):
@@ -270,7 +309,7 @@ class _LayerStreamer:
                 self.model.tie_weights()
         else:
             with torch.device("meta"):
-                block = Block(self.config)
+                block = type(self.model.layers[layer])(self.config)  # Block or EncoderBlock
             block.attn.layer_idx = layer
             self.model.layers[layer] = block
 
@@ -300,7 +339,11 @@ def _write_quantized(
         settings = plan if isinstance(plan, dict) and name.endswith(".weight") else None
         weights[family.to_hub(name)] = (tuple(placeholder.shape), settings)
     if include_head and model.config.tie_embeddings and isinstance(plans[HEAD], dict):
-        weights["lm_head.weight"] = (tuple(model.lm_head.weight.shape), plans[HEAD])
+        # The quantized head is untied and written as its own tensors, a bias it shared with
+        # another tensor (BERT's MLM bias) as a copy. (A skipped head stays tied: not written.)
+        weights[family.to_hub(f"{HEAD}.weight")] = (tuple(model.lm_head.weight.shape), plans[HEAD])
+        if model.lm_head.bias is not None and f"{HEAD}.bias" not in streamer.expected:
+            weights[family.to_hub(f"{HEAD}.bias")] = (tuple(model.lm_head.bias.shape), None)
     metadata = {"format": "pt", **method.hf_metadata(weights, streamer.dtype)}
 
     groups: list[int | None] = [None, *range(layers)]
@@ -365,23 +408,38 @@ def _write_metadata(
 ) -> None:
     import shutil
 
-    from hubquant.models.hub import OPTIONAL_FILES, SAFETENSORS_INDEX, SLOW_TOKENIZER_FILES
+    from hubquant.models.hub import (
+        OPTIONAL_FILES,
+        SAFETENSORS_INDEX,
+        SENTENCE_FILES,
+        SLOW_TOKENIZER_FILES,
+        sentence_module_paths,
+    )
 
     from .card import write_card
 
     family = streamer.family
-    not_converted = [family.to_hub(f"{r.name}.weight")[: -len(".weight")] for r in report.skipped]
-    if all(r.name != HEAD for r in report.layers):  # the head stays in the base dtype too
-        not_converted.append(family.to_hub(f"{HEAD}.weight")[: -len(".weight")])
+    # Every Linear left in the base dtype, by Hub name: skipped projections, the head unless it
+    # was quantized, an encoder's pooler / MLM transform / NSP head. transformers (torchao's
+    # `modules_to_not_convert`, bitsandbytes' `llm_int8_skip_modules`) then loads them as plain
+    # Linears instead of expecting quantized tensors for them.
+    quantized = {r.name for r in report.layers if not r.skipped}
+    not_converted = [hub_module(family, n) for n in linear_names(streamer.model) if n not in quantized]
+    head_quantized = HEAD in quantized
     dtype_name = str(dtype).removeprefix("torch.")
     config = {**hf_config, "dtype": dtype_name, "torch_dtype": dtype_name}
-    config["quantization_config"] = method.hf_quantization_config(not_converted)
-    if any(r.name == HEAD and not r.skipped for r in report.layers):
+    config["quantization_config"] = method.hf_quantization_config(
+        not_converted, head_quantized=head_quantized
+    )
+    if head_quantized:
         config["tie_word_embeddings"] = False  # the quantized head is its own tensor now
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     index = {"metadata": {"total_size": streamer.total_size}, "weight_map": streamer.weight_map}
     (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    for name in (*OPTIONAL_FILES, *SLOW_TOKENIZER_FILES):
+    for name in (*OPTIONAL_FILES, *SLOW_TOKENIZER_FILES, *SENTENCE_FILES):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, tmp / name)
+    for module in sentence_module_paths(folder):
+        if (folder / module).is_dir():
+            shutil.copytree(folder / module, tmp / module)
     write_card(tmp, base_model=str(source), base_config=hf_config, report=report, source_folder=folder)

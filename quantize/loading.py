@@ -1,5 +1,6 @@
-"""Load a quantized variant into the canonical decoder: quantized modules rebuilt as saved (never
-re-quantized), the rest streamed like any checkpoint, then each module repacked for its device."""
+"""Load a quantized variant into the canonical model (decoder or encoder): quantized modules rebuilt
+as saved (never re-quantized), the rest streamed like any checkpoint, then each module repacked for
+its device."""
 
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ from torch import nn
 from hubquant.errors import HubquantError
 
 from .base import LayerRecord, QuantReport, method_from_hf_config
-from .core import HEAD, _projections, _set, _Target
+from .core import HEAD, _set, _Target, hub_module, linear_names
 
 
 def _targets(model: nn.Module, family: Any) -> dict[str, _Target]:
-    """Hub module prefix -> the projection (or head) it names."""
+    """Hub module name -> every `nn.Linear` of the model that a checkpoint may hold quantized:
+    the projections, the head, and (for another tool's variant) any other Linear."""
     targets = {}
-    for layer in range(len(model.layers)):
-        for target in _projections(model, layer):
-            targets[family.to_hub(f"{target.name}.weight")[: -len(".weight")]] = target
-    targets[family.to_hub("lm_head.weight")[: -len(".weight")]] = _Target(HEAD, model.lm_head)
+    for name in linear_names(model):
+        try:
+            prefix = hub_module(family, name)
+        except KeyError:  # a module this family never writes
+            continue
+        targets[prefix] = _Target(name, model.get_submodule(name))
     return targets
 
 
@@ -41,7 +45,7 @@ def load_quantized(
     """Fill a meta-built `model` from a quantized checkpoint folder.
 
     Args:
-        model: the canonical decoder on the meta device.
+        model: the canonical decoder or encoder on the meta device.
         family: the checkpoint's family.
         folder: the checkpoint folder.
         hf_config: its config.json, with `quantization_config`.

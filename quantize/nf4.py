@@ -226,15 +226,18 @@ class NF4(Method):
         wanted = [f"{hub_prefix}.{k}" for k in (*_WEIGHT_KEYS, "bias")]
         return {k for k in wanted if k in keys}
 
-    def hf_quantization_config(self, not_converted: list[str]) -> dict[str, Any]:
+    def hf_quantization_config(
+        self, not_converted: list[str], *, head_quantized: bool | None = None
+    ) -> dict[str, Any]:
         """`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...).to_dict()`,
         built without importing transformers (transformers 5's field order).
 
         Args:
-            not_converted: Hub module names left in the base dtype, the head included when it is
-                not quantized. Written as `llm_int8_skip_modules`: transformers skips exactly
-                these (an explicit list replaces its default of skipping the head), so the list
-                must be complete.
+            not_converted: Hub names of every Linear left in the base dtype, the head included
+                when it is not quantized, an encoder's pooler and heads too. Written as
+                `llm_int8_skip_modules`: transformers skips exactly these (an explicit list
+                replaces its default of skipping the head), so the list must be complete.
+            head_quantized: unused (bitsandbytes records the head in the list alone).
         """
         return {
             "quant_method": "bitsandbytes",

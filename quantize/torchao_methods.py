@@ -225,21 +225,27 @@ class _TorchaoMethod(Method):
             mine.add(f"{hub_prefix}.bias")
         return mine
 
-    def hf_quantization_config(self, not_converted: list[str]) -> dict[str, Any]:
+    def hf_quantization_config(
+        self, not_converted: list[str], *, head_quantized: bool | None = None
+    ) -> dict[str, Any]:
         """`TorchAoConfig(quant_type=config, modules_to_not_convert=..., include_input_output_
         embeddings=...).to_dict()`, built from torchao's serializer without transformers.
 
         Args:
-            not_converted: Hub names of the modules left in the base dtype; the head (`lm_head`)
-                is among them unless it was quantized, which is what
-                `include_input_output_embeddings` records.
+            not_converted: Hub names of the Linears left in the base dtype; the head is among
+                them unless it was quantized.
+            head_quantized: whether the output head was quantized, which is what
+                `include_input_output_embeddings` records (None: whether a decoder's `lm_head` is
+                absent from `not_converted`). A model without a head (BertModel) records False.
         """
+        if head_quantized is None:
+            head_quantized = HEAD not in not_converted
         return {
             "quant_method": "torchao",
             "quant_type": {"default": _torchao_config_to_dict(self.saved_config())},
             # None is transformers' own default: its default skips (the head) apply.
             "modules_to_not_convert": list(not_converted) or None,
-            "include_input_output_embeddings": HEAD not in not_converted,
+            "include_input_output_embeddings": head_quantized,
             "untie_embedding_weights": False,
         }
 

@@ -115,6 +115,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         max_kld=args.max_kld,
         min_top1=args.min_top1,
         revision=args.revision,
+        max_sentences=args.max_sentences,
+        min_cosine=args.min_cosine,
     )
 
 
@@ -219,12 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="replace a non-empty --out")
     conv.set_defaults(func=_cmd_convert, dtype_default="bf16")
 
-    ev = sub.add_parser("eval", help="measure a checkpoint (default: the embedded SmolLM2-135M)")
+    ev = sub.add_parser(
+        "eval", help="measure a checkpoint, decoder or BERT encoder (default: the embedded SmolLM2-135M)"
+    )
     ev.add_argument("model", nargs="?", default=None, help="Hub repo id or folder; empty: embedded default")
     ev.add_argument("--variants", default=None, help="comma-separated: base,int4,nf4,int8,fp8,gguf:PATH "
                     "(default base,int4,nf4,int8)")  # fmt: skip
     ev.add_argument("--dataset", default="python-docs", help="python-docs, wikitext2 or a .txt file")
-    ev.add_argument("--ctx", type=int, default=512, help="tokens per window")
+    ev.add_argument("--ctx", type=int, default=None,
+                    help="tokens per window (default 512; masked-LM encoders 128)")  # fmt: skip
     ev.add_argument("--max-chunks", type=int, default=None, help="score at most N windows")
     ev.add_argument("--ppl-method", choices=("chunks", "sliding"), default="chunks",
                     help="chunks: llama.cpp's (second half of each window); sliding: transformers' guide")  # fmt: skip
@@ -236,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--force", action="store_true", help="start over even if OUT holds results")
     ev.add_argument("--max-kld", type=float, default=0.05, help="verdict budget: mean KLD, nats")
     ev.add_argument("--min-top1", type=float, default=0.90, help="verdict budget: top-1 agreement, 0..1")
+    ev.add_argument("--max-sentences", type=int, default=None,
+                    help="embedders: judge on the text's first N sentences (default 512)")  # fmt: skip
+    ev.add_argument("--min-cosine", type=float, default=0.99,
+                    help="embedders' verdict budget: mean cosine to the base's sentence vectors")  # fmt: skip
     ev.set_defaults(func=_cmd_eval, dtype_default="bf16")
 
     quant = sub.add_parser("quantize", help="quantize a checkpoint (int4, nf4, int8, fp8)")

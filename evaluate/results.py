@@ -5,6 +5,7 @@ Layout (schema version 1):
 
     {
       "schema_version": 1,
+      "task": "causal-lm" | "masked-lm" | "embedding",   # absent in older files: causal-lm
       "model": {"id": "swiss-ai/Apertus-8B", "commit": "abc123..." | null, "family": "apertus"},
       "dataset": {"name": "python-docs", "sha256": "<hash of the text>", "chars": 1234567},
       "method": {"ppl_method": "chunks", "ctx": 512, "stride": null, "max_chunks": 64,
@@ -21,6 +22,14 @@ Layout (schema version 1):
 
 A row (`Row` below) holds every figure of one variant with the settings that made it; a figure
 that was not measured is null, never made up.
+
+Encoders (BERT) use the same file and the same `Row` (see `hubquant.evaluate.encoder`): `task`
+says which figures a run has. A masked-LM run ("masked-lm") fills `pppl`, `pppl_err`,
+`masked_tokens`, `nll` and the KLD / top-1 figures (over the masked positions); an embedder run
+("embedding") fills `cos_mean`, `cos_min` and `nn_agreement`; both fill `encode_seq_s` instead of
+the decoder's prefill / decode speeds, and their `method` holds their own keys (mask seed, rate and
+count, or the sentence rule and count). The encoder fields were added as optional: older files read
+as before, and decoder rows hold null there. An embedding run's budget is `{"min_cosine": 0.99}`.
 """
 
 from __future__ import annotations
@@ -36,6 +45,19 @@ from typing import Any
 SCHEMA_VERSION = 1
 DEFAULT_MAX_KLD = 0.05
 DEFAULT_MIN_TOP1 = 0.90
+DEFAULT_MIN_COSINE = 0.99  # embedders: the mean cosine to the base's sentence vectors
+TASKS = ("causal-lm", "masked-lm", "embedding")
+
+
+def task_of(results: dict[str, Any]) -> str:
+    """The kind of run a results.json holds: "causal-lm" (decoders, and files written before the
+    marker existed), "masked-lm" or "embedding" (encoders).
+
+    Args:
+        results: a results.json as a dict.
+    """
+    task = results.get("task")
+    return task if task in TASKS else "causal-lm"
 
 
 @dataclass
@@ -69,6 +91,16 @@ class Row:
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
     skipped_layers: int | None = None
     notes: list[str] = field(default_factory=list)
+    # Encoders only (None for decoders). Masked LM: pseudo-perplexity over the masked tokens.
+    pppl: float | None = None  # exp(mean NLL of the masked tokens)
+    pppl_err: float | None = None  # standard error of the pseudo-perplexity
+    masked_tokens: int | None = None  # tokens masked and scored
+    # Embedders: each sentence's vector against the base's.
+    cos_mean: float | None = None  # mean cosine similarity to the base's vector of the same sentence
+    cos_min: float | None = None  # the smallest of those cosines
+    nn_agreement: float | None = None  # mean overlap (0..1) of each sentence's top-k neighbours with base's
+    encode_seq_s: float | None = None  # sequences/s, one forward at batch 32 x length 128 (median of runs)
+    encode_sd: float | None = None  # standard deviation of the timed runs' sequences/s
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Row:
@@ -77,21 +109,39 @@ class Row:
 
 
 def verdict(
-    rows: list[Row], max_kld: float = DEFAULT_MAX_KLD, min_top1: float = DEFAULT_MIN_TOP1
+    rows: list[Row],
+    max_kld: float = DEFAULT_MAX_KLD,
+    min_top1: float = DEFAULT_MIN_TOP1,
+    *,
+    min_cosine: float | None = None,
 ) -> dict[str, Any]:
     """The smallest variant (by disk bytes, else runtime bytes) within the quality budget, or a
     plain statement that none is. The base model is not a candidate: the question is which
-    quantized variant to ship."""
-    candidates = [
-        r
-        for r in rows
-        if r.variant != "base"
-        and r.kld_mean is not None
-        and r.top1_agreement is not None
-        and r.kld_mean <= max_kld
-        and r.top1_agreement >= min_top1
-    ]
-    budget = f"mean KLD <= {max_kld:g} nats and top-1 agreement >= {min_top1:.0%}"
+    quantized variant to ship.
+
+    Args:
+        rows: the run's rows.
+        max_kld, min_top1: the budget of decoders and masked-LM encoders (KLD and top-1 agreement
+            against the base, over the scored or masked tokens).
+        min_cosine: given, the budget of an embedder instead: the mean cosine similarity of the
+            variant's sentence vectors to the base's must be at least this.
+    """
+    if min_cosine is not None:
+        candidates = [
+            r for r in rows if r.variant != "base" and r.cos_mean is not None and r.cos_mean >= min_cosine
+        ]
+        budget = f"mean cosine to the base's sentence vectors >= {min_cosine:g}"
+    else:
+        candidates = [
+            r
+            for r in rows
+            if r.variant != "base"
+            and r.kld_mean is not None
+            and r.top1_agreement is not None
+            and r.kld_mean <= max_kld
+            and r.top1_agreement >= min_top1
+        ]
+        budget = f"mean KLD <= {max_kld:g} nats and top-1 agreement >= {min_top1:.0%}"
 
     def size(r: Row) -> float:
         return r.disk_bytes or r.weight_bytes or math.inf
@@ -102,10 +152,21 @@ def verdict(
             return {"variant": None, "text": "No quantized variant was measured."}
         return {"variant": None, "text": f"No variant is within the budget ({budget}); ship the base model."}
     best = min(candidates, key=size)
+    if min_cosine is not None:
+        figures = (
+            f"mean cosine {best.cos_mean:.4f}"
+            + (f", min cosine {best.cos_min:.4f}" if best.cos_min is not None else "")
+            + (
+                f", nearest-neighbour agreement {best.nn_agreement:.1%}"
+                if best.nn_agreement is not None
+                else ""
+            )
+        )
+    else:
+        figures = f"mean KLD {best.kld_mean:.4f}, top-1 agreement {best.top1_agreement:.1%}"
     return {
         "variant": best.variant,
-        "text": f"Ship {best.variant}: the smallest variant within the budget ({budget}): "
-        f"mean KLD {best.kld_mean:.4f}, top-1 agreement {best.top1_agreement:.1%}.",
+        "text": f"Ship {best.variant}: the smallest variant within the budget ({budget}): {figures}.",
     }
 
 

@@ -13,6 +13,14 @@ For each variant (the base model in `--dtype`, each quantize method with its def
 Only the base and one variant are resident at a time. A rerun with the same settings skips the
 variants already in results.json; Ctrl-C keeps every finished row. CSV and HTML reports are views
 of results.json (`hubquant.reports`).
+
+Encoders (BERT) take the same command and write the same results.json: when the checkpoint's
+family builds an encoder (its config's kind is "encoder"), `run_eval` hands over to
+`hubquant.evaluate.encoder.run_encoder_eval`, which scores a masked-LM head by pseudo-perplexity
+(15% of each window masked at once, seed 0) and an embedder by the cosine of its sentence vectors
+to the base's and the agreement of their nearest neighbours, and times encoding instead of
+decoding. The header's `task` ("causal-lm", "masked-lm", "embedding") tells reports which
+columns to show. Decoders are measured exactly as before.
 """
 
 from __future__ import annotations
@@ -31,13 +39,22 @@ import torch
 from hubquant.errors import HubquantError
 
 from .data import load_text
-from .results import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, SCHEMA_VERSION, Row, verdict, write_results
+from .results import (
+    DEFAULT_MAX_KLD,
+    DEFAULT_MIN_COSINE,
+    DEFAULT_MIN_TOP1,
+    SCHEMA_VERSION,
+    Row,
+    verdict,
+    write_results,
+)
 from .scoring import score, windows
 
 QUANT_VARIANTS = ("int4", "nf4", "int8", "fp8")
 DEFAULT_VARIANTS = ("base", "int4", "nf4", "int8")
 # The embedded default model is judged on fewer windows, so that `make eval` ends in minutes.
 DEFAULT_MODEL_CHUNKS = 16
+DEFAULT_CTX = 512  # decoders; encoders default to 128 (hubquant.evaluate.encoder)
 
 
 def _check_variants(variants: list[str]) -> None:
@@ -56,27 +73,31 @@ def _check_variants(variants: list[str]) -> None:
 
 
 def _check_settings(
-    ctx: int,
+    ctx: int | None,
     ppl_method: str,
     stride: int | None,
     max_chunks: int | None,
     max_tokens: int | None,
     max_kld: float,
     min_top1: float,
+    min_cosine: float = DEFAULT_MIN_COSINE,
 ) -> None:
     """The flags checked before anything is downloaded or loaded; messages name the flag."""
-    if ctx < 4:
+    if ctx is not None and ctx < 4:
         raise HubquantError(f"--ctx {ctx}: a window needs at least 4 tokens")
     if stride is not None and ppl_method != "sliding":
         raise HubquantError(f"--stride {stride} applies to --ppl-method sliding only")
-    if stride is not None and not 1 <= stride <= ctx:
-        raise HubquantError(f"--stride {stride} must be between 1 and --ctx ({ctx})")
+    window = DEFAULT_CTX if ctx is None else ctx
+    if stride is not None and not 1 <= stride <= window:
+        raise HubquantError(f"--stride {stride} must be between 1 and --ctx ({window})")
     if max_chunks is not None and max_chunks < 1:
         raise HubquantError(f"--max-chunks {max_chunks}: score at least 1 window")
     if max_tokens is not None and max_tokens < 4:
         raise HubquantError(f"--max-tokens {max_tokens}: perplexity needs at least 4 tokens")
     if max_kld < 0 or not 0 <= min_top1 <= 1:
         raise HubquantError(f"--max-kld {max_kld} --min-top1 {min_top1}: KLD must be >= 0, top-1 in 0..1")
+    if not -1 <= min_cosine <= 1:
+        raise HubquantError(f"--min-cosine {min_cosine}: a cosine similarity lies in -1..1")
 
 
 def _default_out(name: str) -> Path:
@@ -113,7 +134,7 @@ def run_eval(
     *,
     variants: list[str] | None = None,
     dataset: str = "python-docs",
-    ctx: int = 512,
+    ctx: int | None = None,
     max_chunks: int | None = None,
     ppl_method: str = "chunks",
     stride: int | None = None,
@@ -128,6 +149,8 @@ def run_eval(
     min_top1: float = DEFAULT_MIN_TOP1,
     revision: str | None = None,
     progress: bool = True,
+    max_sentences: int | None = None,
+    min_cosine: float = DEFAULT_MIN_COSINE,
 ) -> dict[str, Any]:
     """Measure a model and its quantized variants; write results.json, report.csv, report.html.
 
@@ -135,7 +158,7 @@ def run_eval(
         model_source: a Hub repo id or local folder; None: the embedded SmolLM2-135M-Instruct.
         variants: "base", quantize methods ("int4", "nf4", "int8", "fp8"), "gguf:PATH".
         dataset: "python-docs", "wikitext2" or a .txt path.
-        ctx: tokens per window.
+        ctx: tokens per window (default 512; 128 for a masked-LM encoder, at most its positions).
         max_chunks: score at most this many windows (default: all; 16 for the embedded model).
         ppl_method: "chunks" (llama.cpp's) or "sliding" (transformers' guide).
         stride: `sliding` only: tokens between windows (default ctx // 2).
@@ -146,9 +169,15 @@ def run_eval(
         device: "auto" (cuda when available), "cpu", "cuda", "cuda:N".
         out: the results folder (default results/<org>__<name>).
         force: start over even if OUT holds results (of these or other settings).
-        max_kld, min_top1: the quality budget of the verdict.
+        max_kld, min_top1: the quality budget of the verdict (decoders, masked-LM encoders).
         revision: Hub branch, tag or commit.
         progress: show progress bars.
+        max_sentences: embedders only: judge on the text's first N sentences (default 512).
+        min_cosine: embedders only: the verdict's budget, the least mean cosine similarity of a
+            variant's sentence vectors to the base's (default 0.99).
+
+    An encoder checkpoint (BERT) is measured by `hubquant.evaluate.encoder.run_encoder_eval`,
+    which states its own method; the flags that mean nothing for it are refused with the fix.
 
     Returns:
         The results (as written to OUT/results.json).
@@ -158,7 +187,7 @@ def run_eval(
 
     variants = list(variants or DEFAULT_VARIANTS)
     _check_variants(variants)
-    _check_settings(ctx, ppl_method, stride, max_chunks, max_tokens, max_kld, min_top1)
+    _check_settings(ctx, ppl_method, stride, max_chunks, max_tokens, max_kld, min_top1, min_cosine)
     target_dtype = torch_dtype(dtype)
     dev = torch_device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
@@ -198,6 +227,36 @@ def run_eval(
     from hubquant.models.families import family_for
 
     family = family_for(read_config(folder))
+    if family.config(read_config(folder)).kind == "encoder":
+        from .encoder import run_encoder_eval
+
+        return run_encoder_eval(
+            folder=folder,
+            model_id=model_id,
+            family=family,
+            text=text,
+            out_path=out_path,
+            variants=variants,
+            ctx=ctx,
+            max_chunks=max_chunks,
+            max_tokens=max_tokens,
+            max_sentences=max_sentences,
+            ppl_method=ppl_method,
+            stride=stride,
+            tasks=tasks,
+            dtype=dtype,
+            target_dtype=target_dtype,
+            device=dev,
+            speed=speed,
+            force=force,
+            max_kld=max_kld,
+            min_top1=min_top1,
+            min_cosine=min_cosine,
+            progress=progress,
+        )
+    if max_sentences is not None:
+        raise HubquantError("--max-sentences applies to embedders (encoders); drop it for a decoder")
+    ctx = DEFAULT_CTX if ctx is None else ctx
     start = time.perf_counter()
     base, tokenizer = load(folder, dtype=target_dtype, device=dev, progress=progress)
     base_load_s = time.perf_counter() - start
@@ -220,6 +279,7 @@ def run_eval(
     }  # fmt: skip
     header = {
         "schema_version": SCHEMA_VERSION,
+        "task": "causal-lm",
         "model": {
             "id": model_id,
             "commit": folder.name if len(folder.name) == 40 else None,

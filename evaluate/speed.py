@@ -74,6 +74,35 @@ def measure_speed(
     }
 
 
+@torch.inference_mode()
+def measure_encode_speed(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    *,
+    runs: int = 3,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Encoder throughput: sequences/s of one forward over the batch `ids` (attention mask all
+    ones), the median over `runs` timed runs after one warm-up, with their standard deviation.
+
+    The forward is the model's own call: MLM logits for a masked-LM head, else the last hidden
+    state (the pooling of a sentence vector is a mean over it, negligible beside the layers).
+
+    Args:
+        model: the encoder.
+        ids: token ids `[batch, length]` (encode_batch x encode_length, e.g. 32 x 128).
+        runs: timed runs.
+        device: the model's device.
+    """
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    rates = [ids.shape[0] / t for t in _times(lambda: model(ids, attention_mask=mask), device, runs)]
+    return {
+        "encode_seq_s": statistics.median(rates),
+        "encode_sd": statistics.stdev(rates) if runs > 1 else 0.0,
+    }
+
+
 def peak_rss_bytes() -> int | None:
     """This process's peak resident set size since the last `reset_peak_rss` (Linux), else None."""
     try:

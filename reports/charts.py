@@ -9,6 +9,7 @@ autoescaping.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,8 +111,26 @@ def _spread(items: list[list[float]], height: float, top: float, bottom: float) 
             it[2] = max(top, it[2] - overflow)
 
 
+@dataclass(frozen=True)
+class _LossAxis:
+    """What a quality-against-size chart plots on its y axis (a loss: 0 is the base itself)."""
+
+    title: str
+    desc: str
+    name: str  # the figure's name in "not drawn" reasons
+    axis: str  # the axis title
+    unit: str  # the axis unit, shown in parentheses ("" for none)
+    budget_label: str
+    tip: Callable[[Row], str]  # the figure as a point's tooltip says it
+
+
 def quality_vs_size(
-    rows: list[Row], max_kld: float | None, chosen: str | None, chart_id: str = "quality-size"
+    rows: list[Row],
+    max_kld: float | None,
+    chosen: str | None,
+    chart_id: str = "quality-size",
+    *,
+    per: str = "token",
 ) -> Chart:
     """Mean KLD against disk size, one labelled point per variant, the KLD budget dashed.
 
@@ -123,27 +142,77 @@ def quality_vs_size(
         max_kld: the budget's largest mean KLD, drawn as a dashed line (None: not drawn).
         chosen: the verdict's variant, highlighted.
         chart_id: the element id.
+        per: what the KLD is averaged over: "token" (decoders) or "masked token" (masked LM).
     """
+    axis = _LossAxis(
+        "Quality loss against size",
+        f"Mean KL divergence from the base model (nats per {per}) against disk size (MB), one point per variant.",
+        "mean KLD",
+        "mean KLD vs base",
+        f"nats/{per.split()[-1]}",
+        f"budget: mean KLD ≤ {max_kld:g}" if max_kld is not None else "",
+        lambda row: f"mean KLD {row.kld_mean:.4g} nats",
+    )
+    return _loss_vs_size(rows, lambda row: row.kld_mean, max_kld, chosen, chart_id, axis)
+
+
+def _cosine_loss(row: Row) -> float | None:
+    if row.cos_mean is None:
+        return None
+    loss = 1.0 - row.cos_mean
+    return 0.0 if loss < 1e-12 else loss  # float noise of the base against itself is no loss
+
+
+def cosine_vs_size(
+    rows: list[Row], min_cosine: float | None, chosen: str | None, chart_id: str = "quality-size"
+) -> Chart:
+    """An embedder's quality loss, 1 − mean cosine to the base's sentence vectors, against disk
+    size; the budget (1 − min_cosine) dashed. Drawn as `quality_vs_size` draws KLD.
+
+    Args:
+        rows: the run's rows.
+        min_cosine: the budget's least mean cosine (None: not drawn).
+        chosen: the verdict's variant, highlighted.
+        chart_id: the element id.
+    """
+    axis = _LossAxis(
+        "Quality loss against size",
+        "One minus the mean cosine similarity of each sentence's vector to the base's, against disk "
+        "size (MB), one point per variant.",
+        "mean cosine",
+        "1 − mean cosine vs base",
+        "",
+        f"budget: mean cosine ≥ {min_cosine:g}" if min_cosine is not None else "",
+        lambda row: f"mean cosine {row.cos_mean:.6f}",
+    )
+    budget = 1.0 - min_cosine if min_cosine is not None else None
+    return _loss_vs_size(rows, _cosine_loss, budget, chosen, chart_id, axis)
+
+
+def _loss_vs_size(
+    rows: list[Row],
+    value: Callable[[Row], float | None],
+    budget: float | None,
+    chosen: str | None,
+    chart_id: str,
+    spec: _LossAxis,
+) -> Chart:
     width, height = 640, 360
     left, right, top, bottom = 78, 24, 20, 292  # plot area; labels need the right margin inside it
-    chart = Chart(
-        chart_id,
-        width,
-        height,
-        "Quality loss against size",
-        "Mean KL divergence from the base model (nats per token) against disk size (MB), one point per variant.",
-    )
+    chart = Chart(chart_id, width, height, spec.title, spec.desc)
     points = []
     for row in rows:
-        if row.disk_bytes is None or row.kld_mean is None:
+        loss = value(row)
+        if row.disk_bytes is None or loss is None:
             missing = " and ".join(
-                name for name, v in (("disk size", row.disk_bytes), ("mean KLD", row.kld_mean)) if v is None
+                name for name, v in (("disk size", row.disk_bytes), (spec.name, loss)) if v is None
             )
             chart.left_out.append(f"{row.variant} (no {missing})")
         else:
-            points.append((row, row.disk_bytes / MB, row.kld_mean))
+            points.append((row, row.disk_bytes / MB, loss))
     if not points:
         return chart
+    max_kld = budget  # the dashed line: the largest loss within the budget
 
     # x: disk MB from 0, so sizes read as proportions of each other.
     xmax = max(x for _, x, _ in points)
@@ -196,17 +265,18 @@ def quality_vs_size(
     chart.line(left, bottom, x_right, bottom, "axis")
     chart.line(left, top, left, bottom, "axis")
     chart.text((left + x_right) / 2, height - 14, "disk size (MB)", "axis-title", "middle")
+    notes = ", ".join(note for note in (spec.unit, "log scale" if log else "") if note)
     chart.text(
         18,
         (top + bottom) / 2,
-        "mean KLD vs base (nats/token" + (", log scale)" if log else ")"),
+        spec.axis + (f" ({notes})" if notes else ""),
         "axis-title",
         "middle",
         rotate=True,
     )
     if max_kld is not None and max_kld > 0:
         chart.line(left, sy(max_kld), x_right, sy(max_kld), "budget")
-        chart.text(x_right - 4, sy(max_kld) - 6, f"budget: mean KLD ≤ {max_kld:g}", "budget-label", "end")
+        chart.text(x_right - 4, sy(max_kld) - 6, spec.budget_label, "budget-label", "end")
 
     labels = []
     for row, x, y in points:
@@ -215,7 +285,7 @@ def quality_vs_size(
             + (" base" if row.variant == "base" else "")
             + (" chosen" if row.variant == chosen else "")
         )
-        tip = f"{row.variant}: {x:,.1f} MB, mean KLD {y:.4g} nats"
+        tip = f"{row.variant}: {x:,.1f} MB, {spec.tip(row)}"
         chart.circle(sx(x), sy(y), 6 if row.variant == chosen else 4.5, cls, tip)
         lx = sx(x) + 9
         labels.append([lx, lx + _label_width(row.variant), sy(y) + 4, row.variant, cls])
@@ -233,26 +303,66 @@ def decode_speed(rows: list[Row], chosen: str | None, chart_id: str = "decode-sp
         chosen: the verdict's variant, marked in its label.
         chart_id: the element id.
     """
+    return _speed_bars(
+        rows,
+        chosen,
+        chart_id,
+        [(r.decode_tok_s, r.decode_sd) for r in rows],
+        "tok/s",
+        "Decode speed per variant",
+        "Decode tokens per second, batch 1, mean over the timed runs, one bar per variant.",
+        "decode speed (tokens/s, batch 1; whiskers: ± sd)",
+    )
+
+
+def encode_speed(
+    rows: list[Row], chosen: str | None, chart_id: str = "encode-speed", batch: Any = 32, length: Any = 128
+) -> Chart:
+    """An encoder's throughput per variant (sequences/s) as horizontal bars (± sd); base highlighted.
+
+    Args:
+        rows: the run's rows, drawn in their order.
+        chosen: the verdict's variant, marked in its label.
+        chart_id: the element id.
+        batch, length: the timed batch's shape, as the run's method states it.
+    """
+    return _speed_bars(
+        rows,
+        chosen,
+        chart_id,
+        [(r.encode_seq_s, r.encode_sd) for r in rows],
+        "seq/s",
+        "Encode throughput per variant",
+        f"Sequences encoded per second, one forward over {batch} sequences of {length} tokens, median of "
+        "the timed runs, one bar per variant.",
+        f"encode throughput (sequences/s, batch {batch} × {length} tokens; whiskers: ± sd)",
+    )
+
+
+def _speed_bars(
+    rows: list[Row],
+    chosen: str | None,
+    chart_id: str,
+    values: list[tuple[float | None, float | None]],
+    unit: str,
+    title: str,
+    desc: str,
+    axis_title: str,
+) -> Chart:
     bar, gap, top = 22, 10, 12
     name_w = min(240, max(_label_width(_bar_name(r, chosen)) for r in rows) + 8) if rows else 80
-    value_texts = {r.variant: _speed_text(r) for r in rows}
+    value_texts = {r.variant: _speed_text(v, sd, unit) for r, (v, sd) in zip(rows, values, strict=True)}
     value_w = max((_label_width(t) for t in value_texts.values()), default=60) + 8
     width = 640
     left, right = name_w + 8, width - value_w - 12
     bottom = top + len(rows) * (bar + gap) - gap + 8
     height = bottom + 48
-    chart = Chart(
-        chart_id,
-        width,
-        int(height),
-        "Decode speed per variant",
-        "Decode tokens per second, batch 1, mean over the timed runs, one bar per variant.",
-    )
-    speeds = [r.decode_tok_s for r in rows if r.decode_tok_s is not None]
+    chart = Chart(chart_id, width, int(height), title, desc)
+    speeds = [v for v, _ in values if v is not None]
     if not speeds:
         chart.left_out = [f"{r.variant} (not measured)" for r in rows]
         return chart
-    high = max((r.decode_tok_s or 0) + (r.decode_sd or 0) for r in rows)
+    high = max((v or 0) + (sd or 0) for v, sd in values)
     ticks = nice_ticks(high * 1.02 if high > 0 else 1)
 
     def sx(v: float) -> float:
@@ -261,21 +371,21 @@ def decode_speed(rows: list[Row], chosen: str | None, chart_id: str = "decode-sp
     for t in ticks:
         chart.line(sx(t), top - 4, sx(t), bottom, "grid")
         chart.text(sx(t), bottom + 16, tick_text(t), "tick", "middle")
-    for i, row in enumerate(rows):
+    for i, (row, (value, sd)) in enumerate(zip(rows, values, strict=True)):
         y = top + i * (bar + gap)
         base = row.variant == "base"
         chart.text(
             left - 8, y + bar / 2 + 4, _bar_name(row, chosen), "bar-name" + (" base" if base else ""), "end"
         )
-        if row.decode_tok_s is None:
+        if value is None:
             chart.text(left + 6, y + bar / 2 + 4, "not measured", "missing")
             chart.left_out.append(f"{row.variant} (not measured)")
             continue
-        end = sx(row.decode_tok_s)
+        end = sx(value)
         chart.rect(left, y, end - left, bar, "bar" + (" base" if base else ""))
         tip_end = end
-        if row.decode_sd:
-            lo, hi = sx(max(row.decode_tok_s - row.decode_sd, 0)), sx(row.decode_tok_s + row.decode_sd)
+        if sd:
+            lo, hi = sx(max(value - sd, 0)), sx(value + sd)
             chart.line(lo, y + bar / 2, hi, y + bar / 2, "whisker")
             chart.line(lo, y + 6, lo, y + bar - 6, "whisker")
             chart.line(hi, y + 6, hi, y + bar - 6, "whisker")
@@ -283,13 +393,7 @@ def decode_speed(rows: list[Row], chosen: str | None, chart_id: str = "decode-sp
         chart.text(tip_end + 6, y + bar / 2 + 4, value_texts[row.variant], "bar-value")
     chart.line(left, bottom, right, bottom, "axis")
     chart.line(left, top - 4, left, bottom, "axis")
-    chart.text(
-        (left + right) / 2,
-        height - 10,
-        "decode speed (tokens/s, batch 1; whiskers: ± sd)",
-        "axis-title",
-        "middle",
-    )
+    chart.text((left + right) / 2, height - 10, axis_title, "axis-title", "middle")
     return chart
 
 
@@ -299,9 +403,9 @@ def _bar_name(row: Row, chosen: str | None) -> str:
     return f"{row.variant} (verdict)" if row.variant == chosen else row.variant
 
 
-def _speed_text(row: Row) -> str:
-    if row.decode_tok_s is None:
+def _speed_text(value: float | None, sd: float | None, unit: str) -> str:
+    if value is None:
         return "not measured"
-    if row.decode_sd is None:
-        return f"{row.decode_tok_s:,.1f} tok/s"
-    return f"{row.decode_tok_s:,.1f} ± {row.decode_sd:,.1f} tok/s"
+    if sd is None:
+        return f"{value:,.1f} {unit}"
+    return f"{value:,.1f} ± {sd:,.1f} {unit}"

@@ -16,11 +16,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hubquant.evaluate.results import Row
+from hubquant.evaluate.results import Row, task_of
 
 from ._files import write_text_atomic
-from .charts import Chart, decode_speed, quality_vs_size
-from .tables import FIGURES, Figure, checked_rows, scaled, task_columns
+from .charts import Chart, cosine_vs_size, decode_speed, encode_speed, quality_vs_size
+from .tables import Figure, checked_rows, figures_for, scaled, task_columns
 
 TEMPLATE = "report.html.j2"
 
@@ -42,6 +42,19 @@ _LABELS: dict[str, dict[str, tuple[str, str]]] = {
         "speed_runs": ("timed speed runs", ""),
         "decode_tokens": ("tokens per decode run", "tokens"),
         "kld": ("KLD", ""),
+        # encoders (hubquant.evaluate.encoder)
+        "pppl_method": ("pseudo-perplexity method", ""),
+        "mask_rate": ("masked per window", "% of its text tokens"),
+        "mask_seed": ("mask seed", ""),
+        "tokens_masked": ("tokens masked and scored", ""),
+        "sentence_rule": ("sentences", ""),
+        "sentences": ("sentences embedded", ""),
+        "max_sentences": ("max sentences", ""),
+        "pooling": ("sentence vectors", ""),
+        "nn_k": ("neighbours compared (k)", ""),
+        "cosine": ("cosine", ""),
+        "encode_batch": ("encode batch", "sequences"),
+        "encode_length": ("encode length", "tokens"),
     },
     "environment": {
         "device": ("device", ""),
@@ -49,7 +62,11 @@ _LABELS: dict[str, dict[str, tuple[str, str]]] = {
         "threads": ("threads", ""),
         "python": ("python", ""),
     },
-    "budget": {"max_kld": ("max mean KLD", "nats"), "min_top1": ("min top-1 agreement", "%")},
+    "budget": {
+        "max_kld": ("max mean KLD", "nats"),
+        "min_top1": ("min top-1 agreement", "%"),
+        "min_cosine": ("min mean cosine to base", ""),
+    },
 }
 
 _PPL_METHODS = {
@@ -107,6 +124,7 @@ class RunView:
     table: Table
     charts: list[Chart]
     created: str
+    caption: str | None = None  # the table's method line; None: the template's decoder caption
 
 
 def number(value: float, digits: int = 4) -> str:
@@ -154,15 +172,17 @@ def _figure_cell(row: Row, figure: Figure) -> Cell:
     if figure.unit == "MB":
         return Cell(f"{value:,.1f}")
     error = scaled(getattr(row, figure.err_key), figure) if figure.err_key else None
-    if figure.unit == "tok/s" and error is None:
+    if figure.unit in ("tok/s", "seq/s") and error is None:
         return Cell(f"{value:,.1f}")
-    return Cell(*with_error(value, error))
+    return Cell(*with_error(value, error, figure.digits))
 
 
 def _value_text(key: str, value: Any, section: str) -> str:
     if value is None:
         return "—"
-    if section == "budget" and key == "min_top1" and isinstance(value, (int, float)):
+    if (section, key) in (("budget", "min_top1"), ("method", "mask_rate")) and isinstance(
+        value, (int, float)
+    ):
         return f"{100 * value:g}"
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -232,8 +252,9 @@ def build_table(runs: list[tuple[dict[str, Any], list[Row]]], table_id: str, wit
         with_model: whether rows are grouped under their model's id (a comparison of several runs).
     """
     all_rows = [row for _, rows in runs for row in rows]
-    figures = [f for f in FIGURES if any(getattr(r, f.key) is not None for r in all_rows)]
-    missing = [f.label for f in FIGURES if f not in figures]
+    candidates = figures_for([task_of(results) for results, _ in runs])
+    figures = [f for f in candidates if any(getattr(r, f.key) is not None for r in all_rows)]
+    missing = [f.label for f in candidates if f not in figures]
     scores = task_scores(task_columns(all_rows))
     headers = [(f.label, f.unit) for f in figures]
     headers += [(f"{task}: {metric.removesuffix(',none')}", "") for task, metric, _ in scores]
@@ -292,6 +313,41 @@ def run_view(results: dict[str, Any], index: int = 0) -> RunView:
         for key, value in {**method, **environment, "dataset": dataset.get("name")}.items()
     }
     max_kld = budget.get("max_kld")
+    task = task_of(results)
+    charts: list[Chart] = []
+    if rows and task == "causal-lm":
+        charts = [
+            quality_vs_size(
+                rows, max_kld if isinstance(max_kld, (int, float)) else None, chosen, prefix + "quality-size"
+            ),
+            decode_speed(rows, chosen, prefix + "decode-speed"),
+        ]
+    elif rows:
+        min_cosine = budget.get("min_cosine")
+        quality = (
+            quality_vs_size(
+                rows,
+                max_kld if isinstance(max_kld, (int, float)) else None,
+                chosen,
+                prefix + "quality-size",
+                per="masked token",
+            )
+            if task == "masked-lm"
+            else cosine_vs_size(
+                rows,
+                min_cosine if isinstance(min_cosine, (int, float)) else None,
+                chosen,
+                prefix + "quality-size",
+            )
+        )
+        speed = encode_speed(
+            rows,
+            chosen,
+            prefix + "encode-speed",
+            method.get("encode_batch", "—"),
+            method.get("encode_length", "—"),
+        )
+        charts = [quality, speed]
     return RunView(
         id=f"run{index}",
         model_id=_model_id(results),
@@ -310,16 +366,51 @@ def run_view(results: dict[str, Any], index: int = 0) -> RunView:
         ],
         summary=summary,
         table=build_table([(results, rows)], prefix + "results", with_model=False),
-        charts=[
-            quality_vs_size(
-                rows, max_kld if isinstance(max_kld, (int, float)) else None, chosen, prefix + "quality-size"
-            ),
-            decode_speed(rows, chosen, prefix + "decode-speed"),
-        ]
-        if rows
-        else [],
+        charts=charts,
         created=str(results.get("created") or "—"),
+        caption=None if task == "causal-lm" else encoder_caption(results),
     )
+
+
+def encoder_caption(results: dict[str, Any]) -> str:
+    """The method line under an encoder run's table: what was masked or embedded, how many, with
+    which seed and window, and how speed was timed (all read from results.json's method).
+
+    Args:
+        results: a results.json of a "masked-lm" or "embedding" run.
+    """
+    method = results.get("method") or {}
+    environment = results.get("environment") or {}
+    dataset = (results.get("dataset") or {}).get("name", "—")
+
+    def v(key: str, section: dict[str, Any] = method) -> str:
+        return _value_text(key, section.get(key), "method")
+
+    if task_of(results) == "masked-lm":
+        rate = method.get("mask_rate")
+        rate_text = f"{100 * rate:g}%" if isinstance(rate, (int, float)) else "—"
+        quality = (
+            f"PPPL: {v('pppl_method')}. {v('windows')} windows of {v('ctx')} tokens of {dataset} "
+            f"([CLS] text [SEP]); {rate_text} of each window's text tokens masked at once, positions "
+            f"drawn with seed {v('mask_seed')}; {v('tokens_masked')} masked tokens scored, {v('dtype')}. "
+            "KLD is KL(base ‖ variant) and top-1 agreement is over the masked positions; "
+            "± is the standard error (PPPL, KLD) or the standard deviation (speed)."
+        )
+    else:
+        quality = (
+            f"Sentence vectors: {v('sentences')} sentences of {dataset} ({v('sentence_rule')}), "
+            f"embedded by the base and by each variant with {v('pooling')}, {v('dtype')}. Cosine: each "
+            "sentence's vector against the base's (mean, min). NN@k agreement: overlap of each "
+            f"sentence's top-{v('nn_k')} nearest neighbours (cosine, among the other sentences) "
+            "under the variant and under the base. ± is the standard deviation (speed)."
+        )
+    speed = (
+        f"Encode: sequences/s of one forward over {v('encode_batch')} sequences of {v('encode_length')} "
+        f"tokens (random tokens of the text, attention mask all ones), median of {v('speed_runs')} "
+        f"timed runs after a warm-up, on {v('device', environment)} with {v('threads', environment)} "
+        "threads. MB = 10^6 bytes; — = not measured."
+    )
+    return f"{quality} {speed}"
 
 
 def _environment() -> Any:

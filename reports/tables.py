@@ -2,7 +2,10 @@
 
 Nothing is computed here beyond unit conversions (bytes to MB, fractions to %): every number comes
 from results.json as it is, and a figure that was not measured stays empty. `FIGURES` is the one
-list of columns, with their units; the CSV and the HTML report both read it.
+list of a decoder run's columns, with their units; `MASKED_LM_FIGURES` and `EMBEDDING_FIGURES`
+are an encoder run's (pseudo-perplexity, or sentence-vector cosine and neighbour agreement, and
+encode throughput in place of perplexity and decode speed). `figures_for(task)` picks the list by
+the results' `task`; the CSV and the HTML report both read it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubquant.errors import HubquantError
-from hubquant.evaluate.results import Row, rows_of
+from hubquant.evaluate.results import Row, rows_of, task_of
 
 from ._files import write_text_atomic
 
@@ -37,6 +40,7 @@ class Figure:
         err_key: the `Row` field of its standard error or standard deviation, if any.
         err_column: the CSV column name of that error.
         meaning: what the figure is, for the HTML report's glossary ("" when the label says it).
+        digits: significant digits shown when the figure has no error (cosines need more than 4).
     """
 
     key: str
@@ -47,6 +51,7 @@ class Figure:
     err_key: str | None = None
     err_column: str | None = None
     meaning: str = ""
+    digits: int = 4
 
 
 # Quality first (what the budget judges), then size, speed and memory.
@@ -143,6 +148,116 @@ FIGURES: tuple[Figure, ...] = (
     ),
 )
 
+_BY_KEY = {f.key: f for f in FIGURES}
+_MEMORY = tuple(
+    _BY_KEY[key]
+    for key in (
+        "load_s",
+        "peak_rss_bytes",
+        "cuda_peak_allocated_bytes",
+        "cuda_peak_reserved_bytes",
+        "skipped_layers",
+    )
+)
+ENCODE = Figure(
+    "encode_seq_s",
+    "encode (seq/s)",
+    "encode",
+    "seq/s",
+    err_key="encode_sd",
+    err_column="encode_sd (seq/s)",
+    meaning="sequences encoded per second, one forward over the timed batch (its shape is in the method), "
+    "median of the timed runs",
+)
+
+# Encoders with a masked-LM head: pseudo-perplexity and agreement over the masked tokens.
+MASKED_LM_FIGURES: tuple[Figure, ...] = (
+    Figure(
+        "pppl",
+        "pppl",
+        "PPPL",
+        err_key="pppl_err",
+        err_column="pppl_err",
+        meaning="pseudo-perplexity: exp of the mean NLL of the masked tokens (15% masked per pass)",
+    ),
+    Figure(
+        "kld_mean",
+        "kld_mean (nats)",
+        "KLD mean",
+        "nats",
+        err_key="kld_err",
+        err_column="kld_err (nats)",
+        meaning="KL(base ‖ variant) of the masked-token distributions, per masked token",
+    ),
+    Figure(
+        "top1_agreement",
+        "top1_agreement (%)",
+        "top-1 agree",
+        "%",
+        scale=100,
+        meaning="share of masked tokens where the variant's most likely token is the base's",
+    ),
+    _BY_KEY["kld_median"],
+    Figure("kld_p99", "kld_p99 (nats)", "KLD p99", "nats", meaning="99th percentile of the per-token KLD"),
+    _BY_KEY["kld_max"],
+    Figure(
+        "dp_rms",
+        "dp_rms (%)",
+        "RMS Δp",
+        "%",
+        scale=100,
+        meaning="root mean square change in the probability of the masked (original) token, percentage points",
+    ),
+    Figure("nll", "nll (nats/token)", "NLL", "nats/token", meaning="mean NLL of the masked tokens (ln PPPL)"),
+    Figure("masked_tokens", "masked_tokens", "masked", "tokens", meaning="tokens masked and scored"),
+    _BY_KEY["disk_bytes"],
+    _BY_KEY["weight_bytes"],
+    ENCODE,
+    *_MEMORY,
+)
+
+# Encoders without a head (sentence embedders): each sentence's vector against the base's.
+EMBEDDING_FIGURES: tuple[Figure, ...] = (
+    Figure(
+        "cos_mean",
+        "cos_mean",
+        "cosine mean",
+        meaning="mean cosine similarity of each sentence's vector to the base's vector of it",
+        digits=6,
+    ),
+    Figure("cos_min", "cos_min", "cosine min", meaning="the least of those cosines", digits=6),
+    Figure(
+        "nn_agreement",
+        "nn_agreement (%)",
+        "NN@k agree",
+        "%",
+        scale=100,
+        meaning="share of each sentence's k nearest neighbours (by cosine, among the other sentences; "
+        "k = 10 unless there are fewer) that are also its nearest under the base, averaged",
+    ),
+    _BY_KEY["disk_bytes"],
+    _BY_KEY["weight_bytes"],
+    ENCODE,
+    *_MEMORY,
+)
+
+_FIGURES_BY_TASK = {"causal-lm": FIGURES, "masked-lm": MASKED_LM_FIGURES, "embedding": EMBEDDING_FIGURES}
+
+
+def figures_for(tasks: str | list[str]) -> tuple[Figure, ...]:
+    """The figures of a run's task ("causal-lm", "masked-lm", "embedding"), or of several runs'
+    tasks together (each column once, in first-seen order).
+
+    Args:
+        tasks: one task, or the tasks of the runs in one table.
+    """
+    out: dict[str, Figure] = {}
+    for task in [tasks] if isinstance(tasks, str) else tasks:
+        for figure in _FIGURES_BY_TASK.get(task, FIGURES):
+            out.setdefault(figure.column, figure)
+    return tuple(out.values())
+
+
 # Run-wide settings repeated on every CSV row, so that a row carries its method next to its
 # numbers: (section of results.json, key, column).
 METHOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -160,8 +275,55 @@ METHOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("environment", "device_name", "device_name"),
     ("environment", "threads", "threads"),
 )
+_ENCODER_SPEED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("method", "dtype", "dtype"),
+    ("method", "speed_runs", "speed_runs"),
+    ("method", "encode_batch", "encode_batch"),
+    ("method", "encode_length", "encode_length (tokens)"),
+    ("environment", "device", "device"),
+    ("environment", "device_name", "device_name"),
+    ("environment", "threads", "threads"),
+)
+MASKED_LM_METHOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("dataset", "name", "dataset"),
+    ("dataset", "sha256", "text_sha256"),
+    ("method", "ctx", "ctx (tokens)"),
+    ("method", "windows", "windows"),
+    ("method", "mask_rate", "mask_rate"),
+    ("method", "mask_seed", "mask_seed"),
+    ("method", "tokens_masked", "tokens_masked"),
+    *_ENCODER_SPEED_COLUMNS,
+)
+EMBEDDING_METHOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("dataset", "name", "dataset"),
+    ("dataset", "sha256", "text_sha256"),
+    ("method", "sentences", "sentences"),
+    ("method", "nn_k", "nn_k"),
+    ("method", "pooling", "pooling"),
+    *_ENCODER_SPEED_COLUMNS,
+)
+_METHOD_COLUMNS_BY_TASK = {
+    "causal-lm": METHOD_COLUMNS,
+    "masked-lm": MASKED_LM_METHOD_COLUMNS,
+    "embedding": EMBEDDING_METHOD_COLUMNS,
+}
 
-_NUMERIC = {f.key for f in FIGURES} | {f.err_key for f in FIGURES if f.err_key}
+
+def method_columns_for(tasks: str | list[str]) -> tuple[tuple[str, str, str], ...]:
+    """The run-wide settings repeated on CSV rows for a task (or several tasks, each column once).
+
+    Args:
+        tasks: one task, or the tasks of the runs in one table.
+    """
+    out: dict[str, tuple[str, str, str]] = {}
+    for task in [tasks] if isinstance(tasks, str) else tasks:
+        for item in _METHOD_COLUMNS_BY_TASK.get(task, METHOD_COLUMNS):
+            out.setdefault(item[2], item)
+    return tuple(out.values())
+
+
+_ALL_FIGURES = FIGURES + MASKED_LM_FIGURES + EMBEDDING_FIGURES
+_NUMERIC = {f.key for f in _ALL_FIGURES} | {f.err_key for f in _ALL_FIGURES if f.err_key}
 
 
 def scaled(value: float | None, figure: Figure) -> float | None:
@@ -236,11 +398,16 @@ def settings_text(settings: dict[str, Any]) -> str:
     return ", ".join(f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in settings.items())
 
 
-def _records(results: dict[str, Any], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def _records(
+    results: dict[str, Any],
+    pairs: list[tuple[str, str]],
+    figures: tuple[Figure, ...],
+    method_columns: tuple[tuple[str, str, str], ...],
+) -> list[dict[str, Any]]:
     records = []
     for row in checked_rows(results):
         record: dict[str, Any] = {"variant": row.variant}
-        for figure in FIGURES:
+        for figure in figures:
             record[figure.column] = scaled(getattr(row, figure.key), figure)
             if figure.err_key:
                 record[figure.err_column] = scaled(getattr(row, figure.err_key), figure)
@@ -250,21 +417,25 @@ def _records(results: dict[str, Any], pairs: list[tuple[str, str]]) -> list[dict
             record[f"{task}/{metric}"] = value
         record["notes"] = "; ".join(str(note) for note in row.notes) or None
         record["method_settings"] = settings_text(row.method_settings) or None
-        for section, key, column in METHOD_COLUMNS:
+        for section, key, column in method_columns:
             record[column] = (results.get(section) or {}).get(key)
         records.append(record)
     return records
 
 
-def _columns(pairs: list[tuple[str, str]]) -> list[str]:
+def _columns(
+    pairs: list[tuple[str, str]],
+    figures: tuple[Figure, ...],
+    method_columns: tuple[tuple[str, str, str], ...],
+) -> list[str]:
     columns = ["variant"]
-    for figure in FIGURES:
+    for figure in figures:
         columns.append(figure.column)
         if figure.err_column:
             columns.append(figure.err_column)
     columns += [f"{task}/{metric}" for task, metric in pairs]
     columns += ["notes", "method_settings"]
-    columns += [column for _, _, column in METHOD_COLUMNS]
+    columns += [column for _, _, column in method_columns]
     return columns
 
 
@@ -281,7 +452,8 @@ def _frame(records: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
 
 
 def to_frame(results: dict[str, Any]) -> pd.DataFrame:
-    """One row per variant, in measured order: its figures (units in the column names), task
+    """One row per variant, in measured order: its figures (units in the column names; the run's
+    task decides which: perplexity for decoders, pseudo-perplexity or cosine for encoders), task
     scores as `task/metric`, notes, settings, and the run's method.
 
     Args:
@@ -291,7 +463,9 @@ def to_frame(results: dict[str, Any]) -> pd.DataFrame:
         The table; a figure that was not measured is missing (NaN / <NA>), never made up.
     """
     pairs = task_columns(checked_rows(results))
-    return _frame(_records(results, pairs), _columns(pairs))
+    task = task_of(results)
+    figures, method_columns = figures_for(task), method_columns_for(task)
+    return _frame(_records(results, pairs, figures, method_columns), _columns(pairs, figures, method_columns))
 
 
 def combined_frame(runs: list[dict[str, Any]]) -> pd.DataFrame:
@@ -301,11 +475,15 @@ def combined_frame(runs: list[dict[str, Any]]) -> pd.DataFrame:
         runs: results.json dicts, in the order their rows should appear.
     """
     pairs = task_columns([row for results in runs for row in checked_rows(results)])
+    tasks = [task_of(results) for results in runs]
+    figures, method_columns = figures_for(tasks), method_columns_for(tasks)
     records = []
     for results in runs:
         model = (results.get("model") or {}).get("id")
-        records += [{"model": model, **record} for record in _records(results, pairs)]
-    return _frame(records, ["model", *_columns(pairs)])
+        records += [
+            {"model": model, **record} for record in _records(results, pairs, figures, method_columns)
+        ]
+    return _frame(records, ["model", *_columns(pairs, figures, method_columns)])
 
 
 def frame_csv(frame: pd.DataFrame) -> str:

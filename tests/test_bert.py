@@ -350,3 +350,55 @@ def test_generate_cli_refuses_an_encoder(bert_checkpoint, capsys):
     folder, _ = bert_checkpoint("bert_mlm")
     assert main(["generate", str(folder), "--max-new-tokens", "2"]) == 1
     assert "is an encoder (BERT), which does not generate text" in capsys.readouterr().err
+
+
+def sentence_repo(folder, target):
+    """A sentence-transformers layout of a tiny BERT: cls pooling, Normalize, 12 tokens."""
+    shutil.copytree(folder, target)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (target / "modules.json").write_text(json.dumps(modules))
+    (target / "1_Pooling").mkdir()
+    (target / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (target / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12}))
+    return target
+
+
+def test_sentence_files_come_from_the_hub_and_through_convert(bert_checkpoint, tmp_path):
+    """A Hub id fetches the pipeline files and the pooling folder's config; `convert` keeps them."""
+    import os
+    import subprocess
+    import sys
+
+    from fakehub import FakeHub
+
+    from hubquant.convert import convert
+
+    folder, _ = bert_checkpoint("bert_model")
+    repo = sentence_repo(folder, tmp_path / "repo")
+    texts = ["the cat is on the mat", "this is it"]
+    want = hubquant.embed(repo, texts)
+    server = FakeHub()
+    server.repos = {"org/st": repo}
+    try:
+        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "home"),
+               "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "PYTHONSAFEPATH": "1"}  # fmt: skip
+        code = "import sys; from hubquant.cli import main; sys.exit(main(sys.argv[1:]))"
+        args = ["embed", "org/st", "--text", texts[0], "--text", texts[1], "--json"]
+        run = subprocess.run(
+            [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        fetched = server.fetched("org/st")
+    finally:
+        server.close()
+    assert {"modules.json", "sentence_bert_config.json", "1_Pooling/config.json"} <= fetched
+    data = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "cls pooling, L2-normalised, max 12 tokens" in data["method"]
+    assert (torch.tensor(data["embeddings"]) - want).abs().max().item() <= 1e-6
+    out = convert(repo, tmp_path / "converted", dtype="fp32", progress=False)
+    assert (out / "1_Pooling" / "config.json").is_file()
+    assert (hubquant.embed(out, texts) - want).abs().max().item() <= 1e-6

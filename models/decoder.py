@@ -9,6 +9,7 @@ Hub names onto.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,139 @@ _ACTIVATIONS = {
 }
 
 
+# Fuses quantized runtime modules that share an input into one module computing their outputs
+# side by side, the parts left viewing its storage (`Method.fuse`); None when it cannot.
+Fuser = Callable[[list[nn.Module]], "nn.Module | None"]
+
+
+class FusedView:
+    """Plain `nn.Linear`s that share an input, computed as one product.
+
+    Their weights (and biases) are copied once into one tensor, and each Linear's parameters are
+    replaced by row slices (views) of it: no byte is stored twice, `state_dict()` and the canonical
+    names are unchanged, and a quantizer still sees each Linear. The fused product is used only
+    while the Linears are the same objects and still view this tensor (a quantizer replacing one,
+    or `.to()` moving them, turns it off by itself).
+    """
+
+    def __init__(self, parts: list[nn.Linear]) -> None:
+        self.sizes = [p.out_features for p in parts]
+        self.weight = torch.cat([p.weight.detach() for p in parts])
+        self.bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
+        for p, w in zip(parts, self.weight.split(self.sizes), strict=True):
+            p.weight = nn.Parameter(w, requires_grad=False)
+        if self.bias is not None:
+            for p, b in zip(parts, self.bias.split(self.sizes), strict=True):
+                p.bias = nn.Parameter(b, requires_grad=False)
+        self.parts = tuple(parts)
+        self._last = parts[-1].weight.data_ptr()
+
+    @staticmethod
+    def possible(parts: list[nn.Module]) -> bool:
+        # Plain Linears with plain weights (a quantized tensor subclass is the method's to fuse).
+        if not all(type(p) is nn.Linear and type(p.weight) in (torch.Tensor, nn.Parameter) for p in parts):
+            return False
+        first = parts[0]
+        return all(
+            p.in_features == first.in_features
+            and p.weight.dtype == first.weight.dtype
+            and p.weight.device == first.weight.device
+            and p.weight.device.type != "meta"
+            and (p.bias is None) == (first.bias is None)
+            for p in parts
+        )
+
+    def valid(self, parts: tuple[nn.Module, ...]) -> bool:
+        return (
+            all(a is b for a, b in zip(parts, self.parts, strict=True))
+            and parts[0].weight.data_ptr() == self.weight.data_ptr()
+            and parts[-1].weight.data_ptr() == self._last
+        )
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+class FusedModule:
+    """Quantized runtime modules that share an input, computed by one fused module (a method's
+    `fuse`), whose storage the parts view: the parts stay where they are (names, the quantization
+    report, `weight_bytes`) and the fused module is not registered, so nothing is counted twice."""
+
+    def __init__(self, parts: list[nn.Module], module: nn.Module) -> None:
+        self.parts = tuple(parts)
+        self.weights = tuple(p.weight for p in parts)
+        self.module = module
+        self.sizes = [p.out_features for p in parts]
+        self.device = module.weight.device
+
+    def valid(self, parts: tuple[nn.Module, ...]) -> bool:
+        return (
+            all(a is b for a, b in zip(parts, self.parts, strict=True))
+            and all(p.weight is w for p, w in zip(parts, self.weights, strict=True))
+            and parts[0].weight.device == self.device
+        )
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.module(x).split(self.sizes, dim=-1))
+
+
+def _fuse(owner: nn.Module, names: tuple[str, ...], fuser: Fuser | None) -> bool:
+    """Fuse `owner`'s Linears `names` into one product: views of one tensor for plain Linears, or
+    `fuser`'s module for quantized ones. The fused object is kept outside the module tree."""
+    parts = [getattr(owner, n) for n in names]
+    if any(p is None for p in parts):
+        return False
+    if FusedView.possible(parts):
+        owner.__dict__["_fused"] = FusedView(parts)
+        return True
+    module = fuser(parts) if fuser is not None else None
+    if module is None:
+        return False
+    owner.__dict__["_fused"] = FusedModule(parts, module)
+    return True
+
+
+def _project(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of `owner`'s Linears `names` on `x`: one fused product while it is valid, else
+    one product each."""
+    parts = tuple(getattr(owner, n) for n in names)
+    fused = owner.__dict__.get("_fused")
+    if fused is not None and fused.valid(parts):
+        return fused(x)
+    return [p(x) for p in parts]
+
+
+def fuse_projections(model: nn.Module, fuser: Fuser | None = None) -> int:
+    """Fuse every attention's q/k/v and every gated MLP's gate/up into one product each.
+
+    Plain Linears become views of one tensor; quantized runtime modules are fused by `fuser` (a
+    method's `fuse`) where it can. Either way the parts keep their names and view the fused bytes,
+    so `state_dict()`, the canonical names and the quantizers' view are unchanged, and the outputs
+    equal the separate products' (to the last bit in the tests). `load` calls this.
+
+    Args:
+        model: a loaded Decoder or Encoder (not on the meta device).
+        fuser: fuses quantized runtime modules; None leaves them separate.
+
+    Returns:
+        How many groups were fused.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            count += _fuse(module, ("q", "k", "v"), fuser)
+        elif isinstance(module, MLP) and module.gate is not None:
+            count += _fuse(module, ("gate", "up"), fuser)
+    return count
+
+
+def unfuse_views(model: nn.Module) -> None:
+    """Forget every fused product (the parts keep their slices), so that a quantizer replacing the
+    parts frees each layer's full-precision bytes as it goes."""
+    for module in model.modules():
+        module.__dict__.pop("_fused", None)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -99,7 +233,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.act if self.act is not None else self._fn
         if self.gate is not None:
-            return self.down(act(self.gate(x)) * self.up(x))
+            gate, up = _project(self, ("gate", "up"), x)
+            return self.down(act(gate) * up)
         return self.down(act(self.up(x)))
 
 
@@ -207,9 +342,10 @@ class Attention(nn.Module):
             cache: the KV cache to append to (decoders).
         """
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = _project(self, ("q", "k", "v"), x)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

@@ -11,7 +11,7 @@ from hubquant.errors import HubquantError
 
 from .checkpoint import hub_tensor_names, load_weights, read_config, read_json, shard_files
 from .config import torch_dtype
-from .decoder import Decoder
+from .decoder import Decoder, fuse_projections
 from .encoder import Encoder, build_model
 from .families import family_for
 from .hub import resolve
@@ -88,6 +88,8 @@ def load(
             progress=progress,
             shards=shards,
         )
+        # q/k/v and gate/up as one product each: views of one tensor, names and state_dict unchanged
+        fuse_projections(model)
     model.eval()
     if isinstance(model, Encoder):
         from .embed import read_sentence_config

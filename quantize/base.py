@@ -147,6 +147,12 @@ class Method(ABC):
         CPU: torchao's packed opaque layout). Default: as saved."""
         return module
 
+    def fuse(self, modules: list[nn.Module]) -> nn.Module | None:
+        """One runtime module computing the outputs of `modules` (runtime layout, one shared input)
+        side by side, for one product instead of several (q/k/v; gate/up), with the same values;
+        None where this method cannot (the modules are then run one by one). Default: None."""
+        return None
+
     @abstractmethod
     def hf_tensors(self, module: nn.Module, hub_prefix: str) -> dict[str, torch.Tensor]:
         """The tensors that represent the saved-layout `module` in a transformers checkpoint, by
@@ -210,6 +216,18 @@ def linear_bytes(module: nn.Module) -> int:
     for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
         total += tensor_bytes(tensor)
     return total
+
+
+def fused_linear(modules: list[nn.Module], weight: torch.Tensor) -> nn.Linear:
+    """An `nn.Linear` holding `weight` (a quantized tensor of the stacked outputs) and the modules'
+    biases stacked (None when they have none)."""
+    biases = [m.bias for m in modules]
+    with torch.device("meta"):
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if all(b is not None for b in biases):
+        fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+    return fused
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:

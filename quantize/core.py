@@ -149,7 +149,10 @@ def quantize(
             raise HubquantError(f"--group-size and --hqq apply to int4 only, not to {method}")
         method = get_method(method, **settings)
     _check_head(model, include_head)
+    from hubquant.models.decoder import fuse_projections, unfuse_views
+
     report = new_report(method)
+    unfuse_views(model)  # each layer's full-precision bytes are freed as its projections are replaced
     with torch.no_grad():
         for layer in tqdm(range(len(model.layers)), desc=f"quantize {method.name}", disable=not progress):
             for target in _projections(model, layer):
@@ -167,6 +170,7 @@ def quantize(
                 model.lm_head = module
             report.layers.append(record)
     model.quant_report = report
+    fuse_projections(model, method.fuse)
     return report
 
 

@@ -123,6 +123,9 @@ def load_quantized(
         for layer in report.layers:
             layer.runtime_bytes = measured.get(layer.name, layer.runtime_bytes)
     model.quant_report = report
+    from hubquant.models.decoder import fuse_projections
+
+    fuse_projections(model, method.fuse)  # q/k/v and gate/up as one product each, where it can
     return report
 
 

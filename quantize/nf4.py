@@ -189,6 +189,68 @@ class NF4(Method):
         runtime.hubquant_runtime = True  # not the saved layout any more: hf_tensors refuses it
         return runtime
 
+    def fuse(self, modules: list[nn.Module]) -> nn.Module | None:
+        """Stack CPU runtime `Linear4bit`s whose block scales are plain fp32 (`to_runtime`'s): the
+        packed codes and the scales one weight after another. Each weight holds whole blocks (its
+        input width is a multiple of 64, or it was skipped), so every block and every output is
+        unchanged. Nested scales (the saved layout, CUDA) are left separate."""
+        bnb = _bnb()
+        weights = [m.weight for m in modules]
+        states = [w.quant_state for w in weights]
+        first = states[0]
+        if not all(
+            isinstance(m, bnb.nn.Linear4bit)
+            and getattr(m, "hubquant_runtime", False)
+            and not s.nested
+            and s.blocksize == first.blocksize
+            and s.quant_type == first.quant_type
+            and s.dtype == first.dtype
+            and torch.equal(s.code, first.code)
+            and s.shape[1] == first.shape[1]
+            and (s.shape[0] * s.shape[1]) % s.blocksize == 0
+            and m.compute_dtype == modules[0].compute_dtype
+            for m, s in zip(modules, states, strict=True)
+        ):
+            return None
+        out = sum(s.shape[0] for s in states)
+        state = bnb.functional.QuantState(
+            absmax=torch.cat([s.absmax for s in states]),
+            shape=torch.Size([out, first.shape[1]]),
+            code=first.code,
+            blocksize=first.blocksize,
+            quant_type=first.quant_type,
+            dtype=first.dtype,
+        )
+        with torch.device("meta"):
+            fused = bnb.nn.Linear4bit(
+                first.shape[1], out, bias=all(m.bias is not None for m in modules),
+                compute_dtype=modules[0].compute_dtype, compress_statistics=False, quant_type=first.quant_type,
+                quant_storage=weights[0].quant_storage,
+            )  # fmt: skip
+        data = torch.cat([w.data.reshape(-1, 1) for w in weights])
+        fused.weight = bnb.nn.Params4bit(
+            data,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=first.blocksize,
+            compress_statistics=False,
+            quant_type=first.quant_type,
+            quant_storage=weights[0].quant_storage,
+            module=fused,
+            bnb_quantized=True,
+        )
+        fused.quant_state = state
+        if fused.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in modules]), requires_grad=False)
+        fused.hubquant_runtime = True
+        # The parts view the fused codes and scales: stored once.
+        codes = data.split([w.data.numel() for w in weights])
+        scales = state.absmax.split([s.absmax.numel() for s in states])
+        for w, s, c, a in zip(weights, states, codes, scales, strict=True):
+            w.data = c.view(w.data.shape)
+            s.absmax = a
+        return fused
+
     def hf_tensors(self, module: nn.Module, hub_prefix: str) -> dict[str, torch.Tensor]:
         """The tensors transformers saves for `module` (Linear4bit._save_to_state_dict's).
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from hubquant.errors import HubquantError
 
-from .base import Method, register_method, tensor_bytes
+from .base import Method, fused_linear, register_method, tensor_bytes
 
 # Group sizes int4 accepts; a layer whose input width the requested size does not divide falls
 # back to the largest smaller one that does.
@@ -512,6 +512,37 @@ class Int4(_TorchaoMethod):
         runtime.bias = module.bias
         return runtime
 
+    def fuse(self, modules: list[nn.Module]) -> nn.Module | None:
+        """Stack `Int4OpaqueTensor` weights: the packed rows one after another, the scale/zero
+        table's output columns side by side (it is [groups, out, 2]); the CPU kernel computes each
+        output row alone, so every output is unchanged. The packing interleaves blocks of 64
+        output rows, so every part but the last must be a whole number of blocks."""
+        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+        weights = [m.weight for m in modules]
+        first = weights[0]
+        if not all(
+            type(w) is Int4OpaqueTensor
+            and list(w.block_size) == list(first.block_size)
+            and w.shape[1] == first.shape[1]
+            and w.act_pre_scale is None and w.qzeros is None and w.compensation is None
+            and w.act_mapping_type is None
+            for w in weights
+        ) or any(w.shape[0] % INT4_PACK_ROWS for w in weights[:-1]):  # fmt: skip
+            return None
+        out = sum(w.shape[0] for w in weights)
+        qdata = torch.cat([w.qdata for w in weights])
+        weight = Int4OpaqueTensor(
+            qdata,
+            torch.cat([w.scale_and_zero for w in weights], dim=1),
+            list(first.block_size),
+            torch.Size([out, first.shape[1]]),
+        )
+        # The parts keep their (small) scale tables and view the fused codes: stored once.
+        for w, rows in zip(weights, qdata.split([w.qdata.shape[0] for w in weights]), strict=True):
+            w.qdata = rows
+        return fused_linear(modules, weight)
+
     def theoretical_bytes(self, shape: tuple[int, int], layer_settings: dict[str, Any]) -> int:
         """Disk bytes of the saved (unpacked) layout: one int8 byte per 4-bit value, plus per group
         a bf16 scale (2 bytes) and an int8 zero point (1 byte). Scales are counted in bf16, the
@@ -556,6 +587,12 @@ def _exact_asymmetric_qparams(weight: torch.Tensor, group: int) -> tuple[torch.T
     scale = torch.ldexp(torch.ceil(mantissa * 32) / 32, exponent)
     zero_point = (-8 - torch.round(low / scale)).clamp(-8, 7)
     return scale.to(weight.dtype), zero_point.to(torch.int8)
+
+
+# The CPU int4 packing (`_convert_weight_to_int4pack_for_cpu`) interleaves blocks of this many
+# output rows: stacking packed weights is exact only on block boundaries (measured: a 32-row part
+# followed by another changes the outputs).
+INT4_PACK_ROWS = 64
 
 
 def _to_int4_opaque(weight: torch.Tensor) -> torch.Tensor | None:
@@ -622,6 +659,55 @@ class Int8(_TorchaoMethod):
         out_features, in_features = shape
         return out_features * in_features + out_features * (4 + 1)
 
+    def fuse(self, modules: list[nn.Module]) -> nn.Module | None:
+        return _fuse_rowwise(modules, "Int8Tensor")
+
+
+def _fuse_rowwise(modules: list[nn.Module], kind: str) -> nn.Module | None:
+    """Stack per-output-row quantized weights (torchao's `Int8Tensor`, `Float8Tensor`): values,
+    scales (and zero points) row after row; each output row is computed as before."""
+    weights = [m.weight for m in modules]
+    first = weights[0]
+    if not all(
+        type(w).__name__ == kind and w.shape[1] == first.shape[1] and w.dtype == first.dtype for w in weights
+    ):
+        return None
+    if any(list(w.block_size) != [1, w.shape[1]] for w in weights):
+        return None
+    optional = ("act_quant_scale", "act_quant_zero_point", "act_pre_scale", "act_quant_kwargs", "mm_config")
+    if any(getattr(w, name, None) is not None for w in weights for name in optional):
+        return None
+    qdata = torch.cat([w.qdata for w in weights])
+    scale = torch.cat([w.scale for w in weights])
+    block = [1, first.shape[1]]
+    rows = [w.shape[0] for w in weights]
+    zero = None
+    if kind == "Int8Tensor":
+        zeros = [w.zero_point for w in weights]
+        zero = torch.cat(zeros) if all(z is not None for z in zeros) else None
+        if zero is None and any(z is not None for z in zeros):
+            return None
+        weight = type(first)(
+            qdata, scale, block, first.dtype, zero_point=zero, reduce_range=first.reduce_range
+        )
+    else:
+        weight = type(first)(
+            qdata, scale, block, mm_config=None, act_quant_kwargs=None,
+            kernel_preference=first.kernel_preference, dtype=first.dtype,
+        )  # fmt: skip
+    # The parts view the fused values and scales: stored once.
+    for w, q, sc, z in zip(
+        weights,
+        qdata.split(rows),
+        scale.split(rows),
+        (zero.split(rows) if zero is not None else [None] * len(rows)),
+        strict=True,
+    ):
+        w.qdata, w.scale = q, sc
+        if z is not None:
+            w.zero_point = z
+    return fused_linear(modules, weight)
+
 
 @register_method
 class Fp8(_TorchaoMethod):
@@ -650,3 +736,6 @@ class Fp8(_TorchaoMethod):
         """
         out_features, in_features = shape
         return out_features * in_features + out_features * 4
+
+    def fuse(self, modules: list[nn.Module]) -> nn.Module | None:
+        return _fuse_rowwise(modules, "Float8Tensor")

@@ -1,0 +1,153 @@
+"""Fused projections (q/k/v and gate/up as one product each): the same logits and tokens as the
+separate products, canonical names and state_dict unchanged, for plain and quantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CASES, sample_ids
+
+import hubquant
+from hubquant.models.decoder import FusedView, fuse_projections, unfuse_views
+from hubquant.quantize.base import get_method
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fused_plain_equals_separate(case, dtype, hf_checkpoint):
+    folder, _ = hf_checkpoint(case)
+    model, _ = hubquant.load(folder, dtype=dtype, progress=False)
+    views = [m.__dict__.get("_fused") for m in model.modules()]
+    assert sum(v is not None for v in views) >= model.config.num_layers  # every attention at least
+    ids = sample_ids(batch=2, seq=24)
+    with torch.no_grad():
+        fused = model(ids)
+        unfuse_views(model)
+        separate = model(ids)
+    assert torch.equal(fused, separate)
+
+
+def test_fusion_keeps_names_and_bytes(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa")
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    attn = model.layers[0].attn
+    view = attn.__dict__["_fused"]
+    assert isinstance(view, FusedView)
+    # q, k and v are row slices of one tensor: nothing is stored twice.
+    assert attn.q.weight.untyped_storage().data_ptr() == view.weight.untyped_storage().data_ptr()
+    assert attn.v.weight.untyped_storage().data_ptr() == view.weight.untyped_storage().data_ptr()
+    names = set(model.state_dict())
+    assert "layers.0.attn.q.weight" in names and not any("qkv" in n or "gate_up" in n for n in names)
+    params = sum(p.numel() for p in model.parameters())
+    assert params == sum(t.numel() for t in model.state_dict().values() if t.is_floating_point()) - (
+        model.embed.weight.numel() if model.config.tie_embeddings else 0
+    )
+
+
+def test_replacing_a_part_turns_the_fused_product_off(hf_checkpoint):
+    """A quantizer (or anyone) swapping q for another module must be obeyed, not bypassed."""
+    folder, _ = hf_checkpoint("llama_gqa")
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    ids = sample_ids(batch=1, seq=8)
+    attn = model.layers[0].attn
+    with torch.no_grad():
+        before = model(ids)
+        new_q = torch.nn.Linear(attn.q.in_features, attn.q.out_features, bias=False)
+        new_q.weight.copy_(attn.q.weight * 2)
+        attn.q = new_q
+        after = model(ids)
+    assert not torch.equal(before, after)
+
+
+def test_generation_identical_fused_and_separate(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama3_rope")
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    prompt = sample_ids(batch=1, seq=6)
+    fused = model.generate(prompt, max_new_tokens=20, eos_ids=[])
+    unfuse_views(model)
+    assert torch.equal(fused, model.generate(prompt, max_new_tokens=20, eos_ids=[]))
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory):
+    """A Llama wide enough for every method to quantize every projection (nf4 wants input widths
+    that are multiples of 64; int4 groups of 32+)."""
+    import transformers
+    from conftest import perturb_
+
+    config = transformers.LlamaConfig(
+        vocab_size=160, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    perturb_(model)
+    folder = tmp_path_factory.mktemp("wide")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["int4", "int8", "fp8", "nf4"])
+def test_fused_quantized_equals_separate(method, wide_checkpoint, monkeypatch):
+    """Each method's `fuse` stacks its runtime tensors so that every output is unchanged."""
+    ids = sample_ids(batch=2, seq=12)
+    fused_model, _ = hubquant.load(wide_checkpoint, dtype="bf16", progress=False)
+    hubquant.quantize(fused_model, method, progress=False)
+    fused = [m.__dict__.get("_fused") for m in fused_model.modules()]
+    assert sum(f is not None for f in fused) == 2 * fused_model.config.num_layers, f"{method}: not all fused"
+    separate_model, _ = hubquant.load(wide_checkpoint, dtype="bf16", progress=False)
+    monkeypatch.setattr(type(get_method(method)), "fuse", lambda self, modules: None)
+    hubquant.quantize(separate_model, method, progress=False)
+    assert "_fused" not in separate_model.layers[0].attn.__dict__
+    with torch.no_grad():
+        a, b = fused_model(ids), separate_model(ids)
+    assert torch.equal(a, b)
+
+
+def test_saved_quantized_variant_loads_fused(wide_checkpoint, tmp_path):
+    from hubquant.quantize.core import quantize_checkpoint
+
+    out, _ = quantize_checkpoint(wide_checkpoint, tmp_path / "int8", "int8", progress=False)
+    model, _ = hubquant.load(out, dtype="bf16", progress=False)
+    attn = model.layers[0].attn
+    fused = attn.__dict__["_fused"]
+    assert fused.valid((attn.q, attn.k, attn.v)) and "_fused" in model.layers[0].mlp.__dict__
+    # The parts view the fused module's values: stored once.
+    q_values = attn.q.weight.qdata.untyped_storage().data_ptr()
+    assert q_values == fused.module.weight.qdata.untyped_storage().data_ptr()
+
+
+def test_fuse_projections_is_idempotent(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa")
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    first = model.layers[0].attn.__dict__["_fused"]
+    fuse_projections(model)  # again: a new view over the same parts, same values
+    ids = sample_ids(batch=1, seq=5)
+    with torch.no_grad():
+        out = model(ids)
+        unfuse_views(model)
+        assert torch.equal(out, model(ids))
+    assert first is not None
+
+
+@pytest.mark.parametrize(
+    ("width", "outs", "fuses"),
+    [(128, (64, 32, 32), False), (128, (128, 64, 32), True), (64, (576, 192, 192), True)],
+)
+def test_int4_fuses_only_on_packing_blocks(width, outs, fuses):
+    """The CPU int4 packing interleaves 64-row blocks: a part that ends mid-block cannot be
+    followed by another, and where fusing is allowed the outputs are unchanged."""
+    method = get_method("int4")
+    torch.manual_seed(0)
+    modules = []
+    for n in outs:
+        linear = torch.nn.Linear(width, n, bias=False).to(torch.bfloat16)
+        modules.append(method.to_runtime(method.quantize(linear, method.plan("layers.0.attn.q", linear))))
+    assert all(type(m.weight).__name__ == "Int4OpaqueTensor" for m in modules)
+    fused = method.fuse(modules)
+    assert (fused is not None) == fuses
+    if fused is not None:
+        x = torch.randn(3, width, dtype=torch.bfloat16)
+        assert torch.equal(fused(x), torch.cat([m(x) for m in modules], dim=-1))

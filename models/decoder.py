@@ -183,7 +183,9 @@ def _project(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[
     one product each."""
     parts = tuple(getattr(owner, n) for n in names)
     fused = owner.__dict__.get("_fused")
-    if fused is not None and fused.valid(parts):
+    # A compiled step checked every fused product before compiling (`drop_stale_fusions`);
+    # data_ptr() cannot be traced.
+    if fused is not None and (torch.compiler.is_compiling() or fused.valid(parts)):
         return fused(x)
     return [p(x) for p in parts]
 
@@ -210,6 +212,17 @@ def fuse_projections(model: nn.Module, fuser: Fuser | None = None) -> int:
         elif isinstance(module, MLP) and module.gate is not None:
             count += _fuse(module, ("gate", "up"), fuser)
     return count
+
+
+def drop_stale_fusions(model: nn.Module) -> None:
+    """Forget fused products whose parts were replaced or moved since they were fused."""
+    for module in model.modules():
+        fused = module.__dict__.get("_fused")
+        if fused is None:
+            continue
+        names = ("q", "k", "v") if isinstance(module, Attention) else ("gate", "up")
+        if not fused.valid(tuple(getattr(module, n) for n in names)):
+            del module.__dict__["_fused"]
 
 
 def unfuse_views(model: nn.Module) -> None:

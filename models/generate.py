@@ -94,6 +94,7 @@ def generate(
     eos_ids: Sequence[int] | None = None,
     pad_id: int | None = None,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Continue `input_ids` `[batch, seq]` by up to `max_new_tokens` tokens.
 
@@ -110,6 +111,9 @@ def generate(
             and padded with `pad_id` until all rows finish.
         pad_id: the id finished rows are padded with (default: the first eos id, else 0).
         generator: random generator for reproducible sampling.
+        compile: run each step after the prompt as one compiled graph (`hubquant.models.compiled`:
+            inductor on the CPU, CUDA graphs on a GPU; the first call compiles, later calls and
+            later processes reuse it). The prompt runs eagerly.
 
     Returns:
         `[batch, seq + n]` token ids, prompts included.
@@ -119,7 +123,13 @@ def generate(
     eos = list(model.config.eos_token_ids if eos_ids is None else eos_ids)
     pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
     batch, seq = input_ids.shape
-    cache = KVCache(model.config, batch, seq + max_new_tokens, model.dtype, input_ids.device)
+    step_fn = slot = None
+    length = seq + max_new_tokens
+    if compile:
+        from .compiled import bucketed, compiled_step
+
+        step_fn, length = compiled_step(model), bucketed(length)
+    cache = KVCache(model.config, batch, length, model.dtype, input_ids.device)
     stop = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     new: list[torch.Tensor] = []
@@ -133,7 +143,15 @@ def generate(
             if bool(done.all()):
                 break
         if step + 1 < max_new_tokens:
-            logits = model(token[:, None], None, cache, last_only=True)[:, -1]
+            if step_fn is not None:
+                from .compiled import advance
+
+                if slot is None:
+                    slot = torch.tensor([cache.length], device=input_ids.device)
+                logits = step_fn(model, token[:, None], cache, slot)
+                advance(cache, slot)
+            else:
+                logits = model(token[:, None], None, cache, last_only=True)[:, -1]
     if not new:
         return input_ids
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)

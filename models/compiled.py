@@ -1,0 +1,115 @@
+"""A compiled decode step: fixed shapes, the KV cache written in place, one graph per model.
+
+Eager decoding pays Python and dispatch for every small op of every layer (~40 per layer); a
+compiled step fuses the elementwise work and leaves the weights' bytes as the cost. What makes the
+step compile once and never again:
+
+- the cache is the preallocated `KVCache`, read whole (`max_len` slots) with a mask of the slots
+  written so far, so every step has the same shapes;
+- the slot to write and each row's RoPE position are tensors, not Python ints, so no value is
+  baked into the graph;
+- fused projections are checked before compiling (`drop_stale_fusions`), since `data_ptr()` cannot
+  be traced.
+
+Inductor compiles it on the CPU; on a GPU the step also runs as a CUDA graph ("reduce-overhead").
+Compiled artifacts go to the hubquant cache (`$HUBQUANT_CACHE/compile`, default
+~/.cache/hubquant/compile) unless `TORCHINDUCTOR_CACHE_DIR` says otherwise, so a second process
+reuses them instead of compiling again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hubquant.errors import HubquantError
+
+from .decoder import Decoder, KVCache, drop_stale_fusions
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled artifacts for hubquant (set before the first compile)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    root = Path(os.environ.get("HUBQUANT_CACHE") or Path.home() / ".cache" / "hubquant")
+    path = root / "compile"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+class _SlotWrite:
+    """The cache as attention sees it in a static step: this step's keys and values go into one
+    slot in place; attention reads every slot (the mask hides those not written)."""
+
+    def __init__(self, cache: KVCache, slot: torch.Tensor) -> None:
+        self.cache, self.slot = cache, slot
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys.index_copy_(2, self.slot, k)
+        values.index_copy_(2, self.slot, v)
+        return keys, values
+
+
+def static_step(model: Decoder, token: torch.Tensor, cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
+    """One decode step with fixed shapes: the logits `[batch, vocab]` after `token`.
+
+    Args:
+        model: the decoder.
+        token: `[batch, 1]` the tokens just chosen.
+        cache: the KV cache the prompt was run through.
+        slot: `[1]` long, the cache slot this step writes; each row's RoPE position is the
+            cache's `next_pos`.
+    """
+    cache.valid.index_fill_(1, slot, True)
+    mask = cache.valid[:, None, None, :]
+    x = model.embed(token)
+    if model.config.embedding_scale is not None:
+        x = x * torch.tensor(model.config.embedding_scale, dtype=x.dtype)
+    rope = model._rope(cache.next_pos[:, None], x.dtype)
+    writer = _SlotWrite(cache, slot)
+    for layer in model.layers:
+        x = layer(x, rope, mask, writer)
+    return model.lm_head(model.norm(x))[:, -1]
+
+
+def compiled_step(model: Decoder) -> Any:
+    """The model's compiled `static_step` (compiled on its first call, kept on the model).
+
+    Raises:
+        HubquantError: for RoPE that depends on the length (dynamic NTK), which has no fixed shape.
+    """
+    if model.config.rope.type == "dynamic":
+        raise HubquantError(
+            "--compile does not apply to dynamic-NTK RoPE (its frequencies change with the length); "
+            "run without --compile"
+        )
+    step = model.__dict__.get("_compiled_step")
+    if step is None:
+        compile_cache_dir()
+        drop_stale_fusions(model)
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        step = torch.compile(static_step, dynamic=False, mode=mode)
+        model.__dict__["_compiled_step"] = step
+    return step
+
+
+def advance(cache: KVCache, slot: torch.Tensor) -> None:
+    """After a static step: one more slot used, every row one position further."""
+    cache.length += 1
+    cache.padded = True  # eager steps after this one must read the valid mask too
+    cache.next_pos += 1
+    slot += 1
+
+
+# Cache lengths are rounded up to a multiple of this, so that prompts and budgets of other
+# lengths reuse the same compiled graph (fixed shapes) instead of compiling again.
+CACHE_BUCKET = 256
+
+
+def bucketed(length: int) -> int:
+    return -(-length // CACHE_BUCKET) * CACHE_BUCKET

@@ -38,6 +38,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         eos_ids=tokenizer.eos_ids,
         generator=generator,
+        compile=args.compile,
     )
     print(args.prompt + tokenizer.decode(out[0, ids.shape[1] :]))
 
@@ -109,6 +110,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         tasks=tasks,
         speed=not args.no_speed,
+        compile=args.compile,
         device=args.device or "auto",
         out=args.out,
         force=args.force,
@@ -202,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--compile", action="store_true", help="decode with a compiled step (cached; first run compiles)"
+    )
     gen.set_defaults(func=_cmd_generate)
 
     emb = sub.add_parser("embed", help="sentence embeddings from an encoder (BERT) checkpoint")
@@ -237,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=None, help="use only the text's first N tokens")
     ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, scored per variant")
     ev.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    ev.add_argument("--compile", action="store_true", help="measure decode with the compiled step")
     ev.add_argument("--out", default=None, help="results folder (default results/<org>__<name>)")
     ev.add_argument("--force", action="store_true", help="start over even if OUT holds results")
     ev.add_argument("--max-kld", type=float, default=0.05, help="verdict budget: mean KLD, nats")

@@ -151,6 +151,7 @@ def run_eval(
     progress: bool = True,
     max_sentences: int | None = None,
     min_cosine: float = DEFAULT_MIN_COSINE,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Measure a model and its quantized variants; write results.json, report.csv, report.html.
 
@@ -175,6 +176,7 @@ def run_eval(
         max_sentences: embedders only: judge on the text's first N sentences (default 512).
         min_cosine: embedders only: the verdict's budget, the least mean cosine similarity of a
             variant's sentence vectors to the base's (default 0.99).
+        compile: decoders: measure decode with the compiled step (`generate(compile=True)`).
 
     An encoder checkpoint (BERT) is measured by `hubquant.evaluate.encoder.run_encoder_eval`,
     which states its own method; the flags that mean nothing for it are refused with the fix.
@@ -277,6 +279,8 @@ def run_eval(
         "bos": bos_note, "dtype": dtype, "log_softmax": "fp32", "speed_runs": 3 if speed else 0,
         "decode_tokens": 128, "kld": "KL(base || variant), base forward recomputed per variant",
     }  # fmt: skip
+    if compile:
+        method["decode"] = "compiled step (torch.compile, fixed shapes); prefill eager"
     header = {
         "schema_version": SCHEMA_VERSION,
         "task": "causal-lm",
@@ -320,6 +324,7 @@ def run_eval(
             speed,
             tasks,
             progress,
+            compile,
         )
         rows.append(row)
         results = save()
@@ -370,6 +375,7 @@ def _measure(
     speed: bool,
     tasks: list[str] | None,
     progress: bool,
+    compile: bool = False,
 ) -> Row:
     from hubquant.models import load
 
@@ -397,7 +403,9 @@ def _measure(
     for key, value in s.items():
         setattr(row, key, value)
     if speed:
-        for key, value in measure_speed(model, vocab_size=model.config.vocab_size, device=device).items():
+        for key, value in measure_speed(
+            model, vocab_size=model.config.vocab_size, device=device, compile=compile
+        ).items():
             setattr(row, key, value)
     if tasks:
         from .lm_eval import run_tasks

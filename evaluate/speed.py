@@ -41,6 +41,7 @@ def measure_speed(
     decode_tokens: int = 128,
     runs: int = 3,
     device: torch.device | str = "cpu",
+    compile: bool = False,
 ) -> dict[str, float]:
     """Prefill tokens/s (one forward over `ctx` tokens, batch 1), decode tokens/s (`decode_tokens`
     greedy tokens after a 16-token prompt, batch 1, KV cache) and time to first token (16-token
@@ -53,6 +54,7 @@ def measure_speed(
         decode_tokens: new tokens per decode run.
         runs: measured runs (at least 3 for a standard deviation worth stating).
         device: the model's device.
+        compile: decode with the compiled step (its compile happens in the warm-up run).
     """
     gen = torch.Generator().manual_seed(0)
     long = torch.randint(100 if vocab_size > 200 else 0, vocab_size, (1, ctx), generator=gen).to(device)
@@ -61,7 +63,9 @@ def measure_speed(
     decode = [
         decode_tokens / t
         for t in _times(
-            lambda: model.generate(prompt, max_new_tokens=decode_tokens, eos_ids=[]), device, runs
+            lambda: model.generate(prompt, max_new_tokens=decode_tokens, eos_ids=[], compile=compile),
+            device,
+            runs,
         )
     ]
     ttft = _times(lambda: model.generate(prompt, max_new_tokens=1, eos_ids=[]), device, runs)

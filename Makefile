@@ -39,7 +39,12 @@ format: $(VENV)/.test
 test: lint
 	$(VENV)/bin/pytest -q
 
-bench: $(VENV)/.test
+# Bench only: llama-cpp-python builds llama.cpp from source (several minutes on 2 cores).
+$(VENV)/.bench: $(VENV)/.test
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) tests/bench.py
 
 clean:

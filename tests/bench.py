@@ -255,7 +255,7 @@ def report_speed(folder: Path) -> list[tuple[str, bool]]:
         "prefill: one forward over 512 tokens, batch 1, no cache, median of 5; decode: 128 greedy tokens "
         "after a 16-token prompt, median of 3; hubquant and transformers runs interleaved"
     )
-    targets = {"prefill": 1.0, "decode": 1.5}
+    targets = {"prefill": 1.1, "decode": 1.2}
     for dtype in ("fp32", "bf16"):
         speed = measure_speed(folder, dtype, prefill=512, decode=128)
         for phase, target in targets.items():
@@ -581,6 +581,166 @@ def report_encoder() -> list[tuple[str, bool]]:
             ("encoder load peak RSS <= 1.0x transformers", rss_ratio <= 1.0)]  # fmt: skip
 
 
+def read_bandwidth() -> float:
+    """The machine's memory read rate, bytes/s: torch's sum over 512 MB of fp32, best of 5."""
+    x = torch.ones(128 * 2**20)
+    x.sum()
+    return x.numel() * 4 / min(_seconds(torch.sum, x) for _ in range(5))
+
+
+def _linear_bytes(module: torch.nn.Module) -> int:
+    from hubquant.quantize.base import tensor_bytes
+
+    weight = module.weight
+    total = tensor_bytes(weight)
+    state = getattr(weight, "quant_state", None)  # bitsandbytes: the block scales are read too
+    if state is not None:
+        total += tensor_bytes(state.absmax)
+    return total
+
+
+def gemv_floor(model: torch.nn.Module) -> tuple[float, int]:
+    """(seconds, bytes) per token of the weight products alone: every projection group as the
+    model runs it (fused where fused) and the head, on one token, nothing else."""
+    from hubquant.models.decoder import MLP, Attention
+
+    calls: list = []
+    nbytes = 0
+    for module in model.modules():
+        if isinstance(module, (Attention, MLP)):
+            names = ("q", "k", "v") if isinstance(module, Attention) else ("gate", "up")
+            parts = [getattr(module, n) for n in names if getattr(module, n, None) is not None]
+            fused = module.__dict__.get("_fused")
+            if fused is not None and fused.valid(tuple(parts)):
+                calls.append((fused, parts[0].in_features))
+            else:
+                calls += [(p, p.in_features) for p in parts]
+            nbytes += sum(_linear_bytes(p) for p in parts)
+            last = module.o if isinstance(module, Attention) else module.down
+            calls.append((last, last.in_features))
+            nbytes += _linear_bytes(last)
+    calls.append((model.lm_head, model.lm_head.in_features))
+    nbytes += _linear_bytes(model.lm_head)
+    inputs = {n: torch.randn(1, n, dtype=model.dtype) for n in {width for _, width in calls}}
+    with torch.inference_mode():
+        seconds = timed(lambda: [fn(inputs[width]) for fn, width in calls], runs=5)
+    return seconds, nbytes
+
+
+def llama_cpp_tg(gguf_path: Path, tokens: int = 128) -> float | None:
+    """llama.cpp's decode rate (tok/s) on a GGUF, 2 threads, as llama-bench's tg128 measures it:
+    one token evaluated at a time after a short prompt, best of 3; None without llama-cpp-python
+    (`pip install hubquant[bench]`)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path), n_threads=torch.get_num_threads(), n_ctx=512, verbose=False
+    )
+    prompt = llm.tokenize(b"The capital of France is")
+    best = 0.0
+    for _ in range(3):
+        llm.reset()
+        llm.eval(prompt)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            llm.eval([prompt[-1]])
+        best = max(best, tokens / (time.perf_counter() - start))
+    return best
+
+
+def _roofline_row(
+    folder: Path, dtype: str, prompt: torch.Tensor, tokens: int
+) -> tuple[int, float, float, float, float | None]:
+    """(bytes per token, weight-products seconds per token, eager tok/s, compiled tok/s,
+    transformers tok/s or None) for one saved folder."""
+    import transformers
+
+    import hubquant
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ours, _ = hubquant.load(folder, dtype=torch_dtype, progress=False)
+    seconds, nbytes = gemv_floor(ours)
+    try:
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
+    except Exception:
+        ref = None
+    with torch.inference_mode():
+
+        def run_ref():
+            ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                         min_new_tokens=tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+
+        eager_s, ref_s = timed_pair(
+            lambda: ours.generate(prompt, max_new_tokens=tokens, eos_ids=[]),
+            run_ref if ref is not None else None,
+            runs=3,
+        )
+        compiled_s = timed(lambda: ours.generate(prompt, max_new_tokens=tokens, eos_ids=[], compile=True))
+    return (
+        nbytes,
+        seconds,
+        tokens / eager_s,
+        tokens / compiled_s,
+        (tokens / ref_s if ref is not None else None),
+    )
+
+
+def report_roofline() -> list[tuple[str, bool]]:
+    """Decode at the machine's limit: read bandwidth, each variant's weight-products-only rate,
+    decode as a share of that roofline, hubquant against transformers on the same folder, int4
+    against llama.cpp on the shipped Q4_1 GGUF."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    smollm = smollm_checkpoint()
+    bandwidth = read_bandwidth()
+    print(f"\n## Decode against the roofline ({smollm.name}; {torch.get_num_threads()} threads)")
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (torch sum over 512 MB, best of 5)")
+    print("roofline = 1 / (seconds per token of the weight products alone: each group as the model runs it, "
+          "head included, median of 5); decode: 64 greedy tokens after a 16-token prompt, batch 1, median of 3 "
+          "interleaved runs; compiled: the same with generate(compile=True), compiled in the warm-up")  # fmt: skip
+    rows = [("fp32", smollm, "fp32"), ("bf16", smollm, "bf16")]
+    for method in METHODS:
+        folder = CACHE / f"{smollm.name}-{method}"
+        if not (folder / "config.json").is_file():
+            folder, _ = run_quantize(smollm, method)
+        rows.append((method, folder, "bf16"))
+    print(f"{'variant':8} {'MB/token':>9} {'GEMV GB/s':>10} {'roofline':>9} {'eager':>7} {'share':>6} "
+          f"{'compiled':>9} {'share':>6} {'transformers':>13} {'eager/tf':>9}")  # fmt: skip
+    verdicts = []
+    prompt = torch.randint(100, 40000, (1, 16), generator=torch.Generator().manual_seed(0))
+    tokens = 64
+    int4_best = None
+    for name, folder, dtype in rows:
+        nbytes, seconds, eager, compiled, ref_tok = _roofline_row(folder, dtype, prompt, tokens)
+        roofline = 1 / seconds
+        best = max(eager, compiled)
+        ref_text = f"{ref_tok:13.1f}" if ref_tok else f"{'n/a':>13}"
+        ratio = f"{eager / ref_tok:8.2f}x" if ref_tok else f"{'n/a':>9}"
+        print(f"{name:8} {nbytes / 1e6:9.1f} {nbytes / seconds / 1e9:10.1f} {roofline:9.1f} {eager:7.1f} "
+              f"{eager / roofline:6.0%} {compiled:9.1f} {compiled / roofline:6.0%} {ref_text} {ratio}")  # fmt: skip
+        if name in ("fp32", "bf16"):
+            verdicts.append((f"{name} decode >= 85% of its roofline", best >= 0.85 * roofline))
+        if ref_tok:
+            verdicts.append((f"{name} decode >= 1.2x transformers (same folder)", best >= 1.2 * ref_tok))
+        if name == "int4":
+            int4_best = best
+    from hubquant.convert.gguf import embedded_gguf_path
+
+    tg = llama_cpp_tg(embedded_gguf_path())
+    if tg is None:
+        print(
+            "llama.cpp: llama-cpp-python is not installed (pip install '.[bench]'): int4 comparison skipped"
+        )
+    elif int4_best is not None:
+        print(f"llama.cpp Q4_1 (the shipped GGUF), tg{128}: {tg:.1f} tok/s; hubquant int4 best {int4_best:.1f} "
+              f"tok/s = {int4_best / tg:.2f}x (target >= 0.75x)")  # fmt: skip
+        verdicts.append(("int4 decode >= 0.75x llama.cpp Q4_1", int4_best >= 0.75 * tg))
+    return verdicts
+
+
 def report_startup() -> list[tuple[str, bool]]:
     """`hubquant --help` and an argument error, each a fresh process: the CLI must answer without
     importing torch."""
@@ -620,6 +780,7 @@ def main() -> None:
             "eval",
             "make-eval",
             "encoder",
+            "roofline",
         ],
         default=None,
     )
@@ -648,6 +809,8 @@ def main() -> None:
         verdicts += report_bounded()
     if args.only in (None, "eval"):
         verdicts += report_eval()
+    if args.only in (None, "roofline"):
+        verdicts += report_roofline()
     if args.only in (None, "encoder"):
         verdicts += report_encoder()
     if args.only in (None, "make-eval"):

@@ -218,12 +218,14 @@ def linear_bytes(module: nn.Module) -> int:
     return total
 
 
-def fused_linear(modules: list[nn.Module], weight: torch.Tensor) -> nn.Linear:
-    """An `nn.Linear` holding `weight` (a quantized tensor of the stacked outputs) and the modules'
-    biases stacked (None when they have none)."""
+def fused_linear(
+    modules: list[nn.Module], weight: torch.Tensor, cls: type[nn.Linear] = nn.Linear
+) -> nn.Linear:
+    """A `cls` (an `nn.Linear`) holding `weight` (a quantized tensor of the stacked outputs) and
+    the modules' biases stacked (None when they have none)."""
     biases = [m.bias for m in modules]
     with torch.device("meta"):
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        fused = cls(weight.shape[1], weight.shape[0], bias=False)
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if all(b is not None for b in biases):
         fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)

@@ -505,11 +505,16 @@ class Int4(_TorchaoMethod):
         opaque = _to_int4_opaque(weight)
         if opaque is None:
             return module
-        # A new module: the saved-layout one may still be written out (core streams it).
+        # A new module: the saved-layout one may still be written out (core streams it). A model
+        # in another dtype runs this product in bf16 and gets its output back in its own dtype.
+        cls = nn.Linear if weight.dtype == torch.bfloat16 else Bf16Linear
         with torch.device("meta"):
-            runtime = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            runtime = cls(module.in_features, module.out_features, bias=module.bias is not None)
         runtime.weight = nn.Parameter(opaque, requires_grad=False)
-        runtime.bias = module.bias
+        bias = module.bias
+        if bias is not None and cls is Bf16Linear:
+            bias = nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+        runtime.bias = bias
         return runtime
 
     def fuse(self, modules: list[nn.Module]) -> nn.Module | None:
@@ -528,7 +533,7 @@ class Int4(_TorchaoMethod):
             and w.act_pre_scale is None and w.qzeros is None and w.compensation is None
             and w.act_mapping_type is None
             for w in weights
-        ) or any(w.shape[0] % INT4_PACK_ROWS for w in weights[:-1]):  # fmt: skip
+        ) or any(w.shape[0] % INT4_PACK_ROWS for w in weights[:-1]) or len({type(m) for m in modules}) > 1:  # fmt: skip
             return None
         out = sum(w.shape[0] for w in weights)
         qdata = torch.cat([w.qdata for w in weights])
@@ -541,7 +546,7 @@ class Int4(_TorchaoMethod):
         # The parts keep their (small) scale tables and view the fused codes: stored once.
         for w, rows in zip(weights, qdata.split([w.qdata.shape[0] for w in weights]), strict=True):
             w.qdata = rows
-        return fused_linear(modules, weight)
+        return fused_linear(modules, weight, type(modules[0]))
 
     def theoretical_bytes(self, shape: tuple[int, int], layer_settings: dict[str, Any]) -> int:
         """Disk bytes of the saved (unpacked) layout: one int8 byte per 4-bit value, plus per group
@@ -589,6 +594,14 @@ def _exact_asymmetric_qparams(weight: torch.Tensor, group: int) -> tuple[torch.T
     return scale.to(weight.dtype), zero_point.to(torch.int8)
 
 
+class Bf16Linear(nn.Linear):
+    """An int4 CPU product in a model of another dtype (fp32): its input is cast to bf16, the
+    kernel's only fast activation dtype, and its output back to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(torch.bfloat16)).to(x.dtype)
+
+
 # The CPU int4 packing (`_convert_weight_to_int4pack_for_cpu`) interleaves blocks of this many
 # output rows: stacking packed weights is exact only on block boundaries (measured: a 32-row part
 # followed by another changes the outputs).
@@ -597,7 +610,8 @@ INT4_PACK_ROWS = 64
 
 def _to_int4_opaque(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` (an `IntxUnpackedToInt8Tensor` holding int4) as an `Int4OpaqueTensor` with the
-    same values, or None where the CPU kernel cannot take it exactly."""
+    same values and bf16 scales (the kernel's activations are bf16 whatever the model's dtype), or
+    None where the CPU kernel cannot take it exactly."""
     from torchao.prototype.quantization.int4 import Int4OpaqueTensor
     from torchao.quantization import IntxUnpackedToInt8Tensor
     from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
@@ -608,16 +622,15 @@ def _to_int4_opaque(weight: torch.Tensor) -> torch.Tensor | None:
     group = weight.block_size[-1]
     if (
         weight.target_dtype != torch.int4
-        # The kernel is fast with bf16 activations only (8x slower with fp32, measured), and its
-        # scales and zeros must be in the activations' dtype.
-        or weight.dtype != torch.bfloat16
         or weight.block_size[0] != 1
         or in_features % group
         or out_features % OUT_MULTIPLE
     ):
         return None
-    scale = weight.scale.to(weight.dtype)
-    zero = -weight.zero_point.to(weight.dtype) * scale
+    # The kernel is fast with bf16 activations only (8x slower with fp32, measured), and its scales
+    # and zeros must be in the activations' dtype: bf16, exactly, or not at all.
+    scale = weight.scale.to(torch.bfloat16)
+    zero = -weight.zero_point.to(torch.bfloat16) * scale
     exact = -weight.zero_point.double() * weight.scale.double()
     if not (torch.equal(scale.double(), weight.scale.double()) and torch.equal(zero.double(), exact)):
         # Another tool's qparams whose float zero bf16 cannot hold: keep the saved layout rather
@@ -626,7 +639,7 @@ def _to_int4_opaque(weight: torch.Tensor) -> torch.Tensor | None:
     # Signed int4 [-8, 7] -> the kernel's unsigned nibbles [0, 15]; it subtracts 8 back.
     nibbles = weight.qdata.to(torch.int32) + 8
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)  # inner k tiles: unused on CPU
-    scale_and_zero = pack_tinygemm_scales_and_zeros(scale, zero, weight.dtype)
+    scale_and_zero = pack_tinygemm_scales_and_zeros(scale, zero, torch.bfloat16)
     return Int4OpaqueTensor(packed, scale_and_zero, [1, group], weight.shape)
 
 

@@ -151,3 +151,25 @@ def test_int4_fuses_only_on_packing_blocks(width, outs, fuses):
     if fused is not None:
         x = torch.randn(3, width, dtype=torch.bfloat16)
         assert torch.equal(fused(x), torch.cat([m(x) for m in modules], dim=-1))
+
+
+def test_int4_runs_with_bf16_activations_in_an_fp32_model(wide_checkpoint, tmp_path):
+    """An int4 variant loaded in fp32 still uses the packed CPU kernel, in bf16 (its only fast
+    activation dtype), and hands fp32 back: the same products as the bf16-loaded variant's."""
+    from hubquant.quantize.core import quantize_checkpoint
+    from hubquant.quantize.torchao_methods import Bf16Linear
+
+    out, _ = quantize_checkpoint(wide_checkpoint, tmp_path / "int4", "int4", progress=False)
+    fp32, _ = hubquant.load(out, dtype="fp32", progress=False)
+    bf16, _ = hubquant.load(out, dtype="bf16", progress=False)
+    up32, up16 = fp32.layers[0].mlp.up, bf16.layers[0].mlp.up
+    assert isinstance(up32, Bf16Linear) and type(up32.weight).__name__ == "Int4OpaqueTensor"
+    x = torch.randn(2, 3, up32.in_features)
+    with torch.no_grad():
+        got = up32(x)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, up16(x.to(torch.bfloat16)).float())
+        ids = sample_ids(batch=1, seq=10)
+        a, b = fp32(ids), bf16(ids).float()
+    assert "_fused" in fp32.layers[0].attn.__dict__
+    assert (a - b).norm() / b.norm() < 0.05  # fp32 elsewhere vs bf16 elsewhere: close, not equal

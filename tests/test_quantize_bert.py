@@ -87,9 +87,9 @@ TOP1 = {"int4": 0.8, "nf4": 0.8, "int8": 0.97, "fp8": 0.93}
 # hubquant's reload against transformers on the same folder: relative error of the outputs.
 HF_BOUND = {"int4": 0.01, "nf4": 0.0, "int8": 0.0, "fp8": 0.0}
 # The weight class each method's quantized projections hold in an fp32 model (int4's CPU kernel
-# takes bf16 only: in fp32 it keeps the saved layout) ...
+# takes bf16 only: in fp32 it runs in bf16 and hands fp32 back) ...
 FP32_KIND = {
-    "int4": "IntxUnpackedToInt8Tensor",
+    "int4": "Int4OpaqueTensor",  # int4 on the CPU always runs its packed bf16 kernel (Bf16Linear)
     "nf4": "Params4bit",
     "int8": "Int8Tensor",
     "fp8": "Float8Tensor",

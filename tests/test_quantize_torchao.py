@@ -488,8 +488,14 @@ def test_every_shard_carries_the_whole_checkpoints_metadata(variants):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_bf16_variant_loads_in_fp32(variants, method):
-    """Loading in another dtype rebuilds each weight to compute in it, values unchanged."""
+    """Loading in another dtype rebuilds each weight to compute in it, values unchanged; int4 on
+    the CPU keeps its bf16 kernel (its only fast activation dtype) and hands back fp32."""
     v = variants[("llama_gqa", method)]
     model, _ = hubquant.load(v["out"], dtype="fp32", progress=False)
-    assert model.layers[0].attn.q.weight.dtype == torch.float32
+    q = model.layers[0].attn.q
+    if method == "int4":
+        assert type(q).__name__ == "Bf16Linear" and q.weight.dtype == torch.bfloat16
+        assert q(torch.randn(1, q.in_features)).dtype == torch.float32
+    else:
+        assert q.weight.dtype == torch.float32
     assert rel(_logits(model, sample_ids()), v["reloaded"]) < 0.01

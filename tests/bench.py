@@ -651,10 +651,10 @@ def llama_cpp_tg(gguf_path: Path, tokens: int = 128) -> float | None:
 
 
 def _roofline_row(
-    folder: Path, dtype: str, prompt: torch.Tensor, tokens: int
+    folder: Path, dtype: str, prompt: torch.Tensor, tokens: int, compile: bool
 ) -> tuple[int, float, float, float, float | None]:
-    """(bytes per token, weight-products seconds per token, eager tok/s, compiled tok/s,
-    transformers tok/s or None) for one saved folder."""
+    """(bytes per token, weight-products seconds per token, eager tok/s, compiled tok/s (0: not
+    run), transformers tok/s or None) for one saved folder."""
     import transformers
 
     import hubquant
@@ -677,14 +677,13 @@ def _roofline_row(
             run_ref if ref is not None else None,
             runs=3,
         )
-        compiled_s = timed(lambda: ours.generate(prompt, max_new_tokens=tokens, eos_ids=[], compile=True))
-    return (
-        nbytes,
-        seconds,
-        tokens / eager_s,
-        tokens / compiled_s,
-        (tokens / ref_s if ref is not None else None),
-    )
+        compiled_s = (
+            timed(lambda: ours.generate(prompt, max_new_tokens=tokens, eos_ids=[], compile=True))
+            if compile
+            else None
+        )
+    compiled = tokens / compiled_s if compiled_s else 0.0
+    return nbytes, seconds, tokens / eager_s, compiled, (tokens / ref_s if ref is not None else None)
 
 
 def report_roofline() -> list[tuple[str, bool]]:
@@ -714,7 +713,9 @@ def report_roofline() -> list[tuple[str, bool]]:
     tokens = 64
     int4_best = None
     for name, folder, dtype in rows:
-        nbytes, seconds, eager, compiled, ref_tok = _roofline_row(folder, dtype, prompt, tokens)
+        # Compiling takes ~100 s per variant here: the base dtypes and int4 only.
+        compile = name in ("fp32", "bf16", "int4")
+        nbytes, seconds, eager, compiled, ref_tok = _roofline_row(folder, dtype, prompt, tokens, compile)
         roofline = 1 / seconds
         best = max(eager, compiled)
         ref_text = f"{ref_tok:13.1f}" if ref_tok else f"{'n/a':>13}"

@@ -720,8 +720,9 @@ def report_roofline() -> list[tuple[str, bool]]:
         best = max(eager, compiled)
         ref_text = f"{ref_tok:13.1f}" if ref_tok else f"{'n/a':>13}"
         ratio = f"{eager / ref_tok:8.2f}x" if ref_tok else f"{'n/a':>9}"
+        comp_text = f"{compiled:9.1f} {compiled / roofline:6.0%}" if compiled else f"{'—':>9} {'—':>6}"
         print(f"{name:8} {nbytes / 1e6:9.1f} {nbytes / seconds / 1e9:10.1f} {roofline:9.1f} {eager:7.1f} "
-              f"{eager / roofline:6.0%} {compiled:9.1f} {compiled / roofline:6.0%} {ref_text} {ratio}")  # fmt: skip
+              f"{eager / roofline:6.0%} {comp_text} {ref_text} {ratio}")  # fmt: skip
         if name in ("fp32", "bf16"):
             verdicts.append((f"{name} decode >= 85% of its roofline", best >= 0.85 * roofline))
         if ref_tok:

@@ -115,6 +115,8 @@ def load_weights(
     shards: dict[str, list[str] | None] | None = None,
     skip: frozenset[str] = frozenset(),
     provided: frozenset[str] = frozenset(),
+    placement: Any = None,
+    offload: Any = None,
 ) -> None:
     """Fill `model` (built on the meta device) from `folder`'s safetensors shards.
 
@@ -129,6 +131,10 @@ def load_weights(
         shards: `shard_files(folder)`, when the caller already has it.
         skip: Hub tensor names left to the caller (a quantized module's tensors).
         provided: canonical names the caller fills itself (not reported missing).
+        placement: canonical name -> device (or "disk") from a device map (`models.dispatch`);
+            None: everything to `device`.
+        offload: where "disk" tensors are written (`models.dispatch.Offload`); they stay on the
+            meta device in the model.
     """
     from tqdm.auto import tqdm
 
@@ -163,7 +169,22 @@ def load_weights(
                         raise HubquantError(
                             f"tensor {hub_name} appears twice: in {source[canonical]} and in {shard}"
                         )
-                    _load_one(model, f, hub_name, canonical, expected[canonical], shard, dtype, device)
+                    target = device
+                    if placement is not None:
+                        from .dispatch import as_torch_device
+
+                        where = placement(canonical)
+                        if where == "disk":
+                            _check_shape(f, hub_name, expected[canonical], shard)
+                            tensor = f.read(hub_name)
+                            offload.write(
+                                canonical, tensor.to(dtype) if tensor.is_floating_point() else tensor
+                            )
+                            source[canonical] = shard
+                            bar.update()
+                            continue
+                        target = as_torch_device(where)
+                    _load_one(model, f, hub_name, canonical, expected[canonical], shard, dtype, target)
                     source[canonical] = shard
                     bar.update()
         except OSError as error:
@@ -178,6 +199,15 @@ def load_weights(
         model.tie_weights()
 
 
+def _check_shape(f: SafetensorsFile, hub_name: str, placeholder: torch.Tensor, shard: str) -> None:
+    shape = f.shape(hub_name)
+    if shape != tuple(placeholder.shape):
+        raise HubquantError(
+            f"tensor {hub_name} in {shard} has shape {list(shape)}, expected {list(placeholder.shape)} "
+            "from config.json; check config.json matches the weights"
+        )
+
+
 def _load_one(
     model: nn.Module,
     f: SafetensorsFile,
@@ -188,12 +218,7 @@ def _load_one(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> None:
-    shape = f.shape(hub_name)
-    if shape != tuple(placeholder.shape):
-        raise HubquantError(
-            f"tensor {hub_name} in {shard} has shape {list(shape)}, expected {list(placeholder.shape)} "
-            "from config.json; check config.json matches the weights"
-        )
+    _check_shape(f, hub_name, placeholder, shard)
     stored = f.dtype(hub_name)
     cast = stored.is_floating_point and stored != dtype
     if not cast and torch.device(device).type == "cpu":

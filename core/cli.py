@@ -24,7 +24,14 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     from hubquant.models import load
 
-    model, tokenizer = load(args.source, revision=args.revision, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(
+        args.source,
+        revision=args.revision,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        max_memory=parse_max_memory(args.max_memory),
+    )
     if model.config.kind == "encoder":
         raise HubquantError(
             f"{args.source} is an encoder (BERT), which does not generate text; "
@@ -82,6 +89,32 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         print("cosine similarity:")
         for i, row in enumerate((unit @ unit.T).tolist()):
             print(f"[{i}] " + " ".join(f"{v:6.3f}" for v in row))
+
+
+def parse_max_memory(text: str | None) -> dict[str | int, str] | None:
+    """`--max-memory 0=20GiB,1=20GiB,cpu=60GiB,disk=200GiB` as load's `max_memory`."""
+    if not text:
+        return None
+    out: dict[str | int, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key or not value:
+            raise HubquantError(
+                f"--max-memory {text!r}: give DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=60GiB,disk=200GiB"
+            )
+        out[int(key) if key.isdigit() else key] = value
+    return out
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from hubquant.evaluate.sweep import run_sweep
+
+    summary = run_sweep(args.spec, address=args.address, out=args.out)
+    if summary["failed"]:
+        raise HubquantError(
+            f"{len(summary['failed'])} of the sweep's tasks failed (listed above and in sweep.json); "
+            "fix them and rerun: finished ones are skipped"
+        )
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -193,7 +226,7 @@ def _device_defaults(device: str | None) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: `generate`, `embed`, `convert`, `eval`, `quantize`, `push` and `report`, each
+    """The command line: `generate`, `embed`, `convert`, `eval`, `quantize`, `push`, `sweep` and `report`, each
     with its options."""
     parser = argparse.ArgumentParser(prog="hubquant", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -291,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dry-run", action="store_true", help="print the files and the card; contact nothing")
     up.set_defaults(func=_cmd_push)
 
+    sw = sub.add_parser("sweep", help="models x variants from a YAML file, one Ray task each, one report")
+    sw.add_argument("spec", help="the sweep file (models, variants, dataset, eval settings)")
+    sw.add_argument(
+        "--address", default=None, help="a Ray cluster (ray://HOST:10001 or auto); default: this machine"
+    )
+    sw.add_argument(
+        "--out", default=None, help="results folder (default: the file's out, else results/sweep)"
+    )
+    sw.set_defaults(func=_cmd_sweep)
+
     rep = sub.add_parser("report", help="CSV and HTML report of one or more `hubquant eval` runs")
     rep.add_argument("results", nargs="+", help="results.json files (or the folders holding them)")
     rep.add_argument(
@@ -306,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="default: fp32 on cpu, bf16 on a GPU (convert: bf16)",
         )
+    gen.add_argument("--device-map", default=None, help="'auto': spread the model over GPUs, CPU and disk")
+    gen.add_argument(
+        "--max-memory", default=None, help="with --device-map: e.g. 0=20GiB,cpu=60GiB,disk=200GiB"
+    )
     for p in (gen, emb, ev):
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     return parser

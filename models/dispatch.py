@@ -46,6 +46,8 @@ def _parse_memory(max_memory: dict[Any, Any] | None) -> dict[Any, int] | None:
         if isinstance(device, str) and device.startswith("cuda:"):
             device = int(device.split(":", 1)[1])
         try:
+            if isinstance(value, str) and value.strip().isdigit():
+                value = int(value)
             out[device] = value if isinstance(value, int) else convert_file_size_to_int(value)
         except (ValueError, TypeError):
             raise HubquantError(

@@ -65,3 +65,16 @@ def test_a_map_that_leaves_modules_out_is_refused(hf_checkpoint):
     folder, _ = hf_checkpoint("llama_gqa")
     with pytest.raises(HubquantError, match="device_map leaves modules out"):
         hubquant.load(folder, progress=False, device_map={"embed": "cpu"})
+
+
+def test_generate_cli_with_a_device_map(hf_checkpoint, capsys):
+    from hubquant.cli import main
+
+    folder, _ = hf_checkpoint("llama_gqa")
+    args = ["generate", str(folder), "--prompt", "x", "--max-new-tokens", "3", "--dtype", "fp32"]
+    assert main([*args, "--device-map", "auto", "--max-memory", "cpu=60000,disk=1GiB"]) == 0
+    split = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == split
+    assert main([*args, "--device-map", "auto", "--max-memory", "cpu"]) == 1
+    assert "give DEVICE=SIZE pairs" in capsys.readouterr().err

@@ -67,10 +67,12 @@ def test_a_map_that_leaves_modules_out_is_refused(hf_checkpoint):
         hubquant.load(folder, progress=False, device_map={"embed": "cpu"})
 
 
-def test_generate_cli_with_a_device_map(hf_checkpoint, capsys):
+def test_generate_cli_with_a_device_map(hf_checkpoint, capsys, tmp_path):
+    from test_sweep import with_tokenizer
+
     from hubquant.cli import main
 
-    folder, _ = hf_checkpoint("llama_gqa")
+    folder = with_tokenizer(hf_checkpoint("llama_gqa")[0], tmp_path / "tiny")
     args = ["generate", str(folder), "--prompt", "x", "--max-new-tokens", "3", "--dtype", "fp32"]
     assert main([*args, "--device-map", "auto", "--max-memory", "cpu=60000,disk=1GiB"]) == 0
     split = capsys.readouterr().out

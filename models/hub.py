@@ -99,7 +99,7 @@ def read_weight_map(index_path: Path, where: str | None = None) -> dict[str, str
         data = json.loads(index_path.read_text())
     except FileNotFoundError:
         raise HubquantError(f"{where} not found; re-download the checkpoint") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:
         raise HubquantError(f"{where} is not valid JSON ({error}); {fix}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:

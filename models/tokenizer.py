@@ -30,16 +30,27 @@ SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 
 
 def _token_text(value: Any) -> str | None:
+    """A special token's text: a string, or an AddedToken-style {"content": ...}; else None."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
 
 
-def _ids(value: Any) -> list[int]:
-    """An `eos_token_id`-style field (an int, a list of ints, or null) as a list."""
+def _ids(value: Any, where: str = "config.json", key: str = "eos_token_id") -> list[int]:
+    """An `eos_token_id`-style field (an int, a list of ints, or null) as a list.
+
+    Raises:
+        HubquantError: for anything else (a string, a bool, a float...), naming the file and key.
+    """
     if value is None:
         return []
-    return [int(v) for v in value if v is not None] if isinstance(value, list) else [int(value)]
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in items if v is not None):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise HubquantError(
+            f"{where}'s {key} is {shown}, but it must be an integer or a list of integers; fix {key} in {where}"
+        )
+    return [v for v in items if v is not None]
 
 
 def eos_token_ids(
@@ -63,9 +74,9 @@ def eos_token_ids(
     text = _token_text(tokenizer_config.get("eos_token"))
     from_tokenizer = token_to_id(text) if text is not None and token_to_id is not None else None
     ids = [
-        *_ids(generation_config.get("eos_token_id")),
+        *_ids(generation_config.get("eos_token_id"), "generation_config.json"),
         *_ids(from_tokenizer),
-        *_ids(model_config.get("eos_token_id")),
+        *_ids(model_config.get("eos_token_id"), "config.json"),
     ]
     return tuple(dict.fromkeys(ids))
 
@@ -154,19 +165,27 @@ class Tokenizer:
         except Exception as error:
             raise HubquantError(f"{path} cannot be read by tokenizers ({error}); re-download it") from None
         tk_config = read_tokenizer_config(folder)
+        vocab_size = model_config.get("vocab_size")
+        if isinstance(vocab_size, int) and not isinstance(vocab_size, bool):
+            _check_ids_fit(backend, path, vocab_size)
+        else:
+            vocab_size = None
 
         def special(role: str, key: str) -> int | None:
             text = _token_text(tk_config.get(f"{role}_token"))
             token_id = backend.token_to_id(text) if text else None
             if token_id is not None:
                 return token_id
-            fallback = _ids(generation_config.get(key, model_config.get(key)))
+            where = "generation_config.json" if key in generation_config else "config.json"
+            fallback = _ids(generation_config.get(key, model_config.get(key)), where, key)
+            # An id outside the vocabulary (several Hub configs say pad_token_id -1) names no token.
+            fallback = [i for i in fallback if i >= 0 and (vocab_size is None or i < vocab_size)]
             return fallback[0] if fallback else None
 
-        clean_up = bool(tk_config.get("clean_up_tokenization_spaces", False))
+        clean_up = _flag(tk_config, "clean_up_tokenization_spaces", folder)
         if type(backend.model).__name__ == "BPE":  # transformers skips the clean-up for BPE
-            clean_up = clean_up and bool(
-                tk_config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+            clean_up = clean_up and _flag(
+                tk_config, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", folder
             )
         return cls(
             backend,
@@ -174,7 +193,7 @@ class Tokenizer:
             eos_ids=eos_token_ids(model_config, generation_config, tk_config, backend.token_to_id),
             pad_id=special("pad", "pad_token_id"),
             # as in transformers, a chat_template.jinja file wins over the config's entry
-            chat_template=_read_optional(folder / "chat_template.jinja") or tk_config.get("chat_template"),
+            chat_template=_read_optional(folder / "chat_template.jinja") or _chat_template(tk_config, folder),
             clean_up_spaces=clean_up,
         )
 
@@ -247,4 +266,48 @@ def _clean_up_spaces(text: str) -> str:
 
 
 def _read_optional(path: Path) -> str | None:
-    return path.read_text() if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise HubquantError(f"cannot read {path} as UTF-8 text ({error}); re-download or fix it") from None
+
+
+def _check_ids_fit(backend: Any, path: Path, vocab_size: int) -> None:
+    """Every id the tokenizer can produce has a row in the model's embedding (config.json's vocab_size)."""
+    vocab = backend.get_vocab(with_added_tokens=True)
+    top = max(vocab.values(), default=-1)
+    if top >= vocab_size:
+        token = next(t for t, i in vocab.items() if i == top)
+        raise HubquantError(
+            f"{path} produces token ids up to {top} ({token[:30]!r}), but config.json's vocab_size is "
+            f"{vocab_size}: the model has no embedding row for them; use the tokenizer.json that came with "
+            "these weights, or fix vocab_size in config.json"
+        )
+
+
+def _flag(config: dict[str, Any], key: str, folder: Path) -> bool:
+    value = config.get(key, False)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise HubquantError(
+        f"{folder / 'tokenizer_config.json'}'s {key} is {str(value)[:40]!r}, but it must be true or false; "
+        "fix it in tokenizer_config.json"
+    )
+
+
+def _chat_template(config: dict[str, Any], folder: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or transformers' list of named templates
+    ([{"name": ..., "template": ...}], whose "default" one is used; None without one)."""
+    value = config.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, dict) for t in value):
+        default = next((t.get("template") for t in value if t.get("name") == "default"), None)
+        if default is None or isinstance(default, str):
+            return default
+    raise HubquantError(
+        f"{folder / 'tokenizer_config.json'}'s chat_template is neither a string nor a list of named "
+        "templates; fix it in tokenizer_config.json"
+    )

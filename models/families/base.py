@@ -8,6 +8,9 @@ sees a family: `config()` turns `config.json` into a `ModelConfig` whose typed f
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
@@ -51,15 +54,21 @@ def supported_gguf_architectures() -> list[str]:
 
 def family_for(hf_config: dict[str, Any]) -> type[Family]:
     """The family registered for `config.json`'s `architectures[0]`, or a one-line error."""
+    if not isinstance(hf_config, dict):
+        raise HubquantError(
+            f"config.json holds a JSON {_kind(hf_config)}, not an object of settings; re-download or fix it"
+        )
     archs = hf_config.get("architectures") or []
     if not archs:
         raise HubquantError(
             'config.json names no \'architectures\'; add e.g. "architectures": ["LlamaForCausalLM"]'
         )
+    if not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise bad_value("architectures", archs, 'a list of class names, e.g. ["LlamaForCausalLM"]')
     family = _REGISTRY.get(archs[0])
     if family is None:
         raise HubquantError(
-            f"architecture '{archs[0]}' is not supported; supported: {', '.join(supported_architectures())}"
+            f"architecture {_show(archs[0], 100)} is not supported; supported: {', '.join(supported_architectures())}"
         )
     return family
 
@@ -70,24 +79,160 @@ def family_for_gguf(arch: str, where: str = "") -> type[Family]:
     if family is None:
         supported = ", ".join(supported_gguf_architectures())
         suffix = f" ({where})" if where else ""
-        raise HubquantError(f"GGUF architecture '{arch}' is not supported; supported: {supported}{suffix}")
+        raise HubquantError(
+            f"GGUF architecture {_show(arch, 100)} is not supported; supported: {supported}{suffix}"
+        )
     return family
 
 
-def hparam(hf: dict[str, Any], *names: str, default: Any = ...) -> Any:
-    """The first of `names` present (and not None) in `hf`: absorbs key-name differences."""
+# Bounds on the sizes config.json (or a GGUF's metadata) may give: far beyond any released model,
+# small enough that nothing built from them (a model on the meta device, a RoPE table, a shape
+# product) overflows or runs for minutes. name -> (lowest, highest).
+LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 24),
+    "hidden_size": (1, 1 << 20),
+    "intermediate_size": (1, 1 << 22),
+    "num_hidden_layers": (1, 1 << 12),
+    "num_attention_heads": (1, 1 << 14),
+    "num_key_value_heads": (1, 1 << 14),
+    "head_dim": (1, 1 << 16),
+    "max_position_embeddings": (1, (1 << 31) - 1),
+    "original_max_position_embeddings": (1, (1 << 31) - 1),
+    "type_vocab_size": (0, 1 << 16),
+}
+# Aliases some configs use for the same sizes (GPT-2 style names).
+_ALIASES = {"n_embd": "hidden_size", "d_model": "hidden_size", "n_head": "num_attention_heads",
+            "n_inner": "intermediate_size", "n_layer": "num_hidden_layers"}  # fmt: skip
+_MISSING: Any = ...
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A config value as a message shows it: its repr, on one line, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def bad_value(
+    key: str, value: Any, expected: str, where: str = "config.json", fix: str = ""
+) -> HubquantError:
+    """The one-line error for a config value of the wrong type or out of range, naming the key."""
+    return HubquantError(
+        f"{where}'s {key} is {_show(value)} ({_kind(value)}), but it must be {expected}; "
+        + (fix or f"fix {key} in {where}")
+    )
+
+
+def _pick(hf: dict[str, Any], names: tuple[str, ...], default: Any) -> tuple[str, Any]:
+    """(the key used, its value): the first of `names` present and not null, else the default."""
     for name in names:
         if hf.get(name) is not None:
-            return hf[name]
-    if default is ...:
+            return name, hf[name]
+    if default is _MISSING:
         raise HubquantError(f"config.json lacks '{names[0]}'; the checkpoint's config is incomplete")
-    return default
+    return names[0], default
 
 
-def _as_tuple(value: Any) -> tuple[int, ...]:
+def hparam(hf: dict[str, Any], *names: str, default: Any = ...) -> Any:
+    """The first of `names` present (and not None) in `hf`: absorbs key-name differences.
+    Untyped: for sizes, flags and factors use `int_param`, `bool_param`, `float_param`."""
+    return _pick(hf, names, default)[1]
+
+
+def as_int(key: str, value: Any, low: int | None = None, high: int | None = None, where: str = "config.json", fix: str = "") -> int:  # fmt: skip
+    """`value` as an int, or a one-line error naming `key`: an integer (a whole float such as 32.0
+    too, as JSON writers sometimes give), not a bool, within [low, high] (default: `LIMITS[key]`)."""
+    bounds = LIMITS.get(_ALIASES.get(key, key), (None, None))
+    low = bounds[0] if low is None else low
+    high = bounds[1] if high is None else high
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_value(key, value, "an integer", where, fix)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"at least {low}" if high is None else f"between {low} and {high:,}"
+        raise bad_value(key, value, f"an integer {span}", where, fix)
+    return value
+
+
+def int_param(hf: dict[str, Any], *names: str, default: Any = ..., low: int | None = None, high: int | None = None) -> int:  # fmt: skip
+    """The first of `names` given in `hf` (else `default`), checked by `as_int`."""
+    key, value = _pick(hf, names, default)
+    return as_int(key, value, low, high)
+
+
+def as_float(key: str, value: Any, low: float | None = None, high: float | None = None, *, open_low: bool = False, where: str = "config.json", fix: str = "") -> float:  # fmt: skip
+    """`value` as a finite float within [low, high] (above `low` when `open_low`), or a one-line
+    error naming `key`. Integers are numbers too; bools and strings are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_value(key, value, "a number", where, fix)
+    number = float(value) if abs(value) < 1e308 else math.inf
+    below = low is not None and (number <= low if open_low else number < low)
+    if not math.isfinite(number) or below or (high is not None and number > high):
+        if low is None:
+            span = "a finite number"
+        else:
+            span = f"a number {'above' if open_low else 'at least'} {low}" + (
+                f" and at most {high}" if high is not None else ""
+            )
+        raise bad_value(key, value, span, where, fix)
+    return number
+
+
+def float_param(hf: dict[str, Any], *names: str, default: Any = ..., low: float | None = None, high: float | None = None, open_low: bool = False) -> float:  # fmt: skip
+    """The first of `names` given in `hf` (else `default`), checked by `as_float`."""
+    key, value = _pick(hf, names, default)
+    return as_float(key, value, low, high, open_low=open_low)
+
+
+def bool_param(hf: dict[str, Any], name: str, default: Any = ...) -> bool:
+    """A true/false flag: JSON true or false (0 and 1 pass too), never a string like "false"."""
+    key, value = _pick(hf, (name,), default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise bad_value(key, value, "true or false")
+
+
+def str_param(hf: dict[str, Any], name: str, default: Any = ...) -> str:
+    key, value = _pick(hf, (name,), default)
+    if not isinstance(value, str):
+        raise bad_value(key, value, "a string")
+    return value
+
+
+def token_id_param(hf: dict[str, Any], name: str) -> int | None:
+    """A special token id: an integer or null (out-of-vocabulary ids are kept, as transformers keeps
+    them: several Hub configs say pad_token_id -1)."""
+    value = hf.get(name)
+    if value is None:
+        return None
+    return as_int(name, value, low=-(1 << 62), high=1 << 62)
+
+
+def token_ids_param(hf: dict[str, Any], name: str) -> tuple[int, ...]:
+    """`eos_token_id`-style: an integer, a list of integers, or null, as a tuple."""
+    value = hf.get(name)
     if value is None:
         return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+    items = value if isinstance(value, list) else [value]
+    return tuple(as_int(name, item, low=-(1 << 62), high=1 << 62) for item in items if item is not None)
+
+
+def head_dim(hf: dict[str, Any], hidden: int, heads: int) -> int:
+    """config.json's head_dim, else hidden_size / num_attention_heads, which must then divide."""
+    if hf.get("head_dim") is not None:
+        return int_param(hf, "head_dim")
+    if hidden % heads:
+        raise HubquantError(
+            f"config.json's hidden_size ({hidden}) is not a multiple of its num_attention_heads ({heads}), "
+            "and it gives no head_dim; fix one of them in config.json"
+        )
+    return hidden // heads
 
 
 def rope_from_hf(
@@ -102,27 +247,58 @@ def rope_from_hf(
         default_params: the family's RoPE dict when config.json has none (Apertus: llama3).
         default_fraction: the family's `partial_rotary_factor` when none is given (Phi: 0.5).
     """
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or default_params or {})
+    where, params = "rope_parameters", dict(default_params or {})
+    for key in ("rope_parameters", "rope_scaling"):
+        given = hf.get(key)
+        if given is not None and not isinstance(given, dict):
+            raise bad_value(key, given, "an object of RoPE settings (or null)")
+        if given:
+            where, params = key, dict(given)
+            break
     kind = params.get("rope_type", params.get("type", "default"))
+    if not isinstance(kind, str):
+        raise bad_value(f"{where}.rope_type", kind, f"one of {', '.join(ROPE_TYPES)}")
     if kind not in ROPE_TYPES:
-        raise HubquantError(f"RoPE type '{kind}' is not supported; supported: {', '.join(ROPE_TYPES)}")
+        raise HubquantError(
+            f"config.json's {where}.rope_type {_show(kind)} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
     lacking = [key for key in _ROPE_REQUIRED.get(kind, ()) if params.get(key) is None]
     if lacking:
         raise HubquantError(
-            f"config.json's RoPE parameters of type '{kind}' lack {', '.join(lacking)}; add them to rope_scaling"
+            f"config.json's {where} (rope_type '{kind}') lacks {', '.join(lacking)}; add them to {where}"
         )
-    max_position = hparam(hf, "max_position_embeddings", default=2048)
-    theta = params.get("rope_theta", hf.get("rope_theta"))
+    max_position = int_param(hf, "max_position_embeddings", default=2048)
+
+    def number(key: str, default: float) -> float:
+        value = params.get(key)
+        return as_float(f"{where}.{key}", default if value is None else value, 0.0, open_low=True)
+
+    theta = params.get("rope_theta")
+    theta_key = f"{where}.rope_theta" if theta is not None else "rope_theta"
+    theta = hf.get("rope_theta") if theta is None else theta
+    original = params.get("original_max_position_embeddings")
     rope = RopeConfig(
-        theta=float(theta if theta is not None else 10000.0),
+        theta=as_float(theta_key, 10000.0 if theta is None else theta, 0.0, open_low=True),
         type=kind,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position=int(params.get("original_max_position_embeddings", max_position)),
+        factor=number("factor", 1.0),
+        low_freq_factor=number("low_freq_factor", 1.0),
+        high_freq_factor=number("high_freq_factor", 4.0),
+        original_max_position=max_position
+        if original is None
+        else as_int(
+            f"{where}.original_max_position_embeddings", original, *LIMITS["max_position_embeddings"]
+        ),
     )
-    fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-    return rope, float(fraction if fraction is not None else default_fraction)
+    if kind == "llama3" and rope.high_freq_factor <= rope.low_freq_factor:
+        raise HubquantError(
+            f"config.json's {where} gives high_freq_factor {rope.high_freq_factor} <= low_freq_factor "
+            f"{rope.low_freq_factor}; llama3 RoPE needs high above low: fix {where} in config.json"
+        )
+    fraction = params.get("partial_rotary_factor")
+    fraction_key = f"{where}.partial_rotary_factor" if fraction is not None else "partial_rotary_factor"
+    fraction = hf.get("partial_rotary_factor") if fraction is None else fraction
+    fraction = default_fraction if fraction is None else fraction
+    return rope, as_float(fraction_key, fraction, 0.0, 1.0, open_low=True)
 
 
 class GGUFMetadata(Protocol):
@@ -136,6 +312,18 @@ class GGUFMetadata(Protocol):
     def arch_value(self, key: str, default: Any = None) -> Any: ...
 
     def require(self, key: str) -> Any: ...
+
+    def arch_int(self, key: str, default: Any = ..., limit: str | None = None) -> Any:
+        """`{arch}.{key}` as an int within `LIMITS[limit]` (or `default` when absent; `...`: required)."""
+        ...
+
+    def arch_float(self, key: str, default: float, *, low: float = 0.0, open_low: bool = True) -> float:
+        """`{arch}.{key}` as a finite float above `low` (at least `low` unless `open_low`)."""
+        ...
+
+    def refuse(self, message: str) -> Exception:
+        """A one-line error about this file: `message`, then the file."""
+        ...
 
     def rope_scaling(self, theta: float, head_dim: int) -> dict[str, Any] | None: ...
 
@@ -173,6 +361,10 @@ class Family:
     @classmethod
     def with_defaults(cls, hf: dict[str, Any]) -> dict[str, Any]:
         """config.json with every missing (or null) key the family reads set to the reference's default."""
+        if not isinstance(hf, dict):
+            raise HubquantError(
+                f"config.json holds a JSON {_kind(hf)}, not an object of settings; re-download or fix it"
+            )
         given = {key: value for key, value in hf.items() if value is not None}
         return {**cls.defaults, **given}
 
@@ -182,7 +374,7 @@ class Family:
 
         The one tie rule: loading, conversion and export all call this.
         """
-        return bool(cls.with_defaults(hf).get("tie_word_embeddings", False))
+        return bool_param(cls.with_defaults(hf), "tie_word_embeddings", default=False)
 
     @classmethod
     def config(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -197,24 +389,28 @@ class Family:
     @classmethod
     def common(cls, hf: dict[str, Any]) -> dict[str, Any]:
         """Fields every family reads the same way; `hf` already has the defaults filled in."""
-        hidden = hparam(hf, "hidden_size", "n_embd", "d_model")
-        heads = hparam(hf, "num_attention_heads", "n_head")
+        hidden = int_param(hf, "hidden_size", "n_embd", "d_model")
+        heads = int_param(hf, "num_attention_heads", "n_head")
+        vocab = int_param(hf, "vocab_size")
+        intermediate = int_param(hf, "intermediate_size", "n_inner")
+        layers = int_param(hf, "num_hidden_layers", "n_layer")
+        kv_heads = int_param(hf, "num_key_value_heads", default=heads)
         rope, fraction = rope_from_hf(hf, cls.default_rope, cls.default_rotary_fraction)
         return dict(
-            vocab_size=hparam(hf, "vocab_size"),
+            vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=hparam(hf, "intermediate_size", "n_inner"),
-            num_layers=hparam(hf, "num_hidden_layers", "n_layer"),
+            intermediate_size=intermediate,
+            num_layers=layers,
             num_heads=heads,
-            num_kv_heads=hparam(hf, "num_key_value_heads", default=heads),
-            head_dim=hparam(hf, "head_dim", default=hidden // heads),
-            max_position=hparam(hf, "max_position_embeddings", default=2048),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim(hf, hidden, heads),
+            max_position=int_param(hf, "max_position_embeddings", default=2048),
             rope=rope,
             rotary_fraction=fraction,
             tie_embeddings=cls.tied(hf),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=_as_tuple(hf.get("eos_token_id")),
-            pad_token_id=hf.get("pad_token_id"),
+            bos_token_id=token_id_param(hf, "bos_token_id"),
+            eos_token_ids=token_ids_param(hf, "eos_token_id"),
+            pad_token_id=token_id_param(hf, "pad_token_id"),
         )
 
     # -- names ----------------------------------------------------------------------------
@@ -253,16 +449,10 @@ class Family:
         """Every tensor a Hub checkpoint of this config holds, by Hub name, with its shape.
 
         Read off the canonical model built on the meta device, so no shape table can drift from
-        the model; a tied head is absent (it is the embedding).
+        the model; a tied head is absent (it is the embedding). The last few answers are kept: a
+        GGUF read asks for the same config's shapes several times.
         """
-        import torch
-
-        from ..checkpoint import expected_tensors
-        from ..encoder import build_model
-
-        with torch.device("meta"):
-            model = build_model(cls.config(hf))
-        return {cls.to_hub(name): tuple(t.shape) for name, t in expected_tensors(model).items()}
+        return dict(_hub_shapes(cls, json.dumps(hf, sort_keys=True, default=repr)))
 
     # -- GGUF -----------------------------------------------------------------------------
 
@@ -275,23 +465,45 @@ class Family:
     @classmethod
     def gguf_common(cls, meta: GGUFMetadata, special_ids: dict[str, int], vocab_size: int) -> dict[str, Any]:
         """The hyperparameters every llama.cpp architecture stores under the same keys."""
-        heads = int(meta.require("attention.head_count"))
+        heads = meta.arch_int("attention.head_count", limit="num_attention_heads")
+        kv_heads = meta.arch_int("attention.head_count_kv", heads, limit="num_key_value_heads")
+        if heads % kv_heads:
+            raise meta.refuse(
+                f"GGUF metadata '{meta.arch}.attention.head_count' ({heads}) is not a multiple of "
+                f"'{meta.arch}.attention.head_count_kv' ({kv_heads})"
+            )
         config: dict[str, Any] = {
             "architectures": [cls.architectures[0]],
             "model_type": cls.model_type,
-            "vocab_size": int(meta.arch_value("vocab_size", vocab_size)),
-            "hidden_size": int(meta.require("embedding_length")),
-            "intermediate_size": int(meta.require("feed_forward_length")),
-            "num_hidden_layers": int(meta.require("block_count")),
+            "vocab_size": meta.arch_int("vocab_size", vocab_size, limit="vocab_size"),
+            "hidden_size": meta.arch_int("embedding_length", limit="hidden_size"),
+            "intermediate_size": meta.arch_int("feed_forward_length", limit="intermediate_size"),
+            "num_hidden_layers": meta.arch_int("block_count", limit="num_hidden_layers"),
             "num_attention_heads": heads,
-            "num_key_value_heads": int(meta.arch_value("attention.head_count_kv", heads)),
-            "max_position_embeddings": int(meta.arch_value("context_length", 2048)),
-            "rope_theta": float(meta.arch_value("rope.freq_base", 10000.0)),
+            "num_key_value_heads": kv_heads,
+            "max_position_embeddings": meta.arch_int("context_length", 2048, limit="max_position_embeddings"),
+            "rope_theta": meta.arch_float("rope.freq_base", 10000.0),
         }
         for role in ("bos", "eos", "pad"):
             if role in special_ids:
                 config[f"{role}_token_id"] = special_ids[role]
         return config
+
+    @classmethod
+    def gguf_head_dim(cls, meta: GGUFMetadata, config: dict[str, Any], *keys: str) -> int:
+        """The head size: the first of `keys` the file gives, else embedding_length / head_count,
+        which must then divide."""
+        for key in keys:
+            value = meta.arch_int(key, None, limit="head_dim")
+            if value:
+                return value
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        if hidden % heads:
+            raise meta.refuse(
+                f"GGUF metadata '{meta.arch}.embedding_length' ({hidden}) is not a multiple of "
+                f"'{meta.arch}.attention.head_count' ({heads})"
+            )
+        return hidden // heads
 
     @classmethod
     def gguf_names(cls, hf: dict[str, Any]) -> dict[str, list[str]]:
@@ -325,13 +537,25 @@ class Family:
         """What undoes llama.cpp's change to one tensor, and the row block it works on: a slice
         of rows on multiples of the block can be transformed alone (q/k: whole heads)."""
         module = hub_name.rsplit(".", 1)[0]
-        head_dim = hparam(hf, "head_dim", default=hf["hidden_size"] // hf["num_attention_heads"])
+        head = head_dim(hf, int_param(hf, "hidden_size"), int_param(hf, "num_attention_heads"))
         if cls.gguf_permute_qk and module.endswith((".self_attn.q_proj", ".self_attn.k_proj")):
-            return _unpermute(head_dim), head_dim
+            return _unpermute(head), head
         if cls.gguf_norm_offset and hub_name.endswith("norm.weight"):
             offset = np.float32(cls.gguf_norm_offset)
             return (lambda w: w - offset), 1
         return None, 1
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_shapes(family: type[Family], config_json: str) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    from ..checkpoint import expected_tensors
+    from ..encoder import build_model
+
+    with torch.device("meta"):
+        model = build_model(family.config(json.loads(config_json)))
+    return {family.to_hub(name): tuple(t.shape) for name, t in expected_tensors(model).items()}
 
 
 def _unpermute(head_dim: int) -> Transform:
@@ -346,9 +570,13 @@ def _unpermute(head_dim: int) -> Transform:
 
 
 def activation(name: str) -> str:
-    """hubquant's name for a transformers activation name, or a one-line error."""
+    """hubquant's name for a transformers activation name (config.json's hidden_act), or a one-line error."""
+    if not isinstance(name, str):
+        raise bad_value("hidden_act", name, f"one of {', '.join(_ACT_NAMES)}")
     if name not in _ACT_NAMES:
-        raise HubquantError(f"activation '{name}' is not supported; supported: {', '.join(_ACT_NAMES)}")
+        raise HubquantError(
+            f"config.json's hidden_act {_show(name)} is not supported; supported: {', '.join(_ACT_NAMES)}"
+        )
     return _ACT_NAMES[name]
 
 

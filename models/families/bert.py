@@ -18,7 +18,17 @@ from typing import Any, ClassVar
 from hubquant.errors import HubquantError
 
 from ..config import ModelConfig
-from .base import Family, activation, hparam, register
+from .base import (
+    Family,
+    activation,
+    bool_param,
+    float_param,
+    int_param,
+    register,
+    str_param,
+    token_id_param,
+    token_ids_param,
+)
 
 BERT_MODULES: dict[str, str | None] = {
     "embeddings.word_embeddings": "embed",
@@ -81,48 +91,48 @@ class Bert(Family):
     @classmethod
     def config(cls, hf: dict[str, Any]) -> ModelConfig:
         hf = cls.with_defaults(hf)
-        hidden = int(hparam(hf, "hidden_size"))
-        heads = int(hparam(hf, "num_attention_heads"))
-        if heads < 1 or hidden % heads:
+        hidden = int_param(hf, "hidden_size")
+        heads = int_param(hf, "num_attention_heads")
+        if hidden % heads:
             raise HubquantError(
                 f"config.json's hidden_size ({hidden}) is not a multiple of its num_attention_heads "
                 f"({heads}); fix one of the two in config.json"
             )
-        if hf["position_embedding_type"] != "absolute":
+        position = str_param(hf, "position_embedding_type")
+        if position != "absolute":
             raise HubquantError(
-                f"position_embedding_type '{hf['position_embedding_type']}' is not supported; "
+                f"position_embedding_type {position[:40]!r} is not supported; "
                 "only 'absolute' BERT checkpoints are read"
             )
-        if hf["is_decoder"]:
+        if bool_param(hf, "is_decoder"):
             raise HubquantError(
                 "config.json sets is_decoder: true (BERT as a causal decoder), which is not supported; "
                 "load it as the encoder it was trained as (is_decoder: false)"
             )
-        eos = hf.get("eos_token_id")
         return ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=int_param(hf, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
+            intermediate_size=int_param(hf, "intermediate_size"),
+            num_layers=int_param(hf, "num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=heads,
             head_dim=hidden // heads,
             norm="layer",
-            norm_eps=float(hf["layer_norm_eps"]),
+            norm_eps=float_param(hf, "layer_norm_eps", low=0.0),
             mlp="plain",
-            act=activation(hf["hidden_act"]),
+            act=activation(str_param(hf, "hidden_act")),
             rotary_fraction=0.0,
             tie_embeddings=cls.tied(hf),
             attn_bias=True,
             attn_out_bias=True,
             mlp_bias=True,
             head_bias=cls.mlm,
-            max_position=int(hf["max_position_embeddings"]),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
-            pad_token_id=hf.get("pad_token_id"),
+            max_position=int_param(hf, "max_position_embeddings"),
+            bos_token_id=token_id_param(hf, "bos_token_id"),
+            eos_token_ids=token_ids_param(hf, "eos_token_id"),
+            pad_token_id=token_id_param(hf, "pad_token_id"),
             kind="encoder",
-            type_vocab_size=int(hf["type_vocab_size"]),
+            type_vocab_size=int_param(hf, "type_vocab_size"),
             pooler=cls.pooler,
             mlm_head=cls.mlm,
             nsp_head=cls.nsp,

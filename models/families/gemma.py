@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from ..config import ModelConfig
-from .base import GGUFMetadata, register
+from .base import GGUFMetadata, register, str_param
 from .llama import Llama
 
 
@@ -48,7 +48,8 @@ class Gemma(Llama):
         hf = cls.with_defaults(hf)
         # Gemma's released configs say "gelu" but it was trained with the tanh approximation;
         # transformers reads it so, and ignores the older `hidden_activation` key.
-        act = "gelu_pytorch_tanh" if hf["hidden_act"] == "gelu" else hf["hidden_act"]
+        act = str_param(hf, "hidden_act")
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
         base = super().config({**hf, "hidden_act": act, "mlp_bias": False})
         return dataclasses.replace(base, norm_unit_offset=True, embedding_scale=math.sqrt(base.hidden_size))
 
@@ -57,10 +58,9 @@ class Gemma(Llama):
         cls, meta: GGUFMetadata, special_ids: dict[str, int], vocab_size: int, tied: bool
     ) -> dict[str, Any]:
         config = cls.gguf_common(meta, special_ids, vocab_size)
-        head_dim = meta.arch_value("attention.key_length")
         config.update(
-            head_dim=int(head_dim or config["hidden_size"] // config["num_attention_heads"]),
-            rms_norm_eps=float(meta.arch_value("attention.layer_norm_rms_epsilon", 1e-6)),
+            head_dim=cls.gguf_head_dim(meta, config, "attention.key_length"),
+            rms_norm_eps=meta.arch_float("attention.layer_norm_rms_epsilon", 1e-6, open_low=False),
             hidden_act="gelu_pytorch_tanh",
             hidden_activation="gelu_pytorch_tanh",
             attention_bias=False,

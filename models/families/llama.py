@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import Family, GGUFMetadata, activation, register
+from .base import Family, GGUFMetadata, activation, bool_param, float_param, register, str_param
 
 LLAMA_MODULES: dict[str, str | None] = {
     "model.embed_tokens": "embed",
@@ -59,16 +59,17 @@ class Llama(Family):
     @classmethod
     def config(cls, hf: dict[str, Any]) -> ModelConfig:
         hf = cls.with_defaults(hf)
-        bias = bool(hf["attention_bias"])
+        common = cls.common(hf)
+        bias = bool_param(hf, "attention_bias")
         return ModelConfig(
-            **cls.common(hf),
+            **common,
             norm="rms",
-            norm_eps=float(hf["rms_norm_eps"]),
+            norm_eps=float_param(hf, "rms_norm_eps", low=0.0),
             mlp="gated",
-            act=activation(hf["hidden_act"]),
+            act=activation(str_param(hf, "hidden_act")),
             attn_bias=bias,
             attn_out_bias=bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            mlp_bias=bool_param(hf, "mlp_bias", default=False),
         )
 
     @classmethod
@@ -76,10 +77,9 @@ class Llama(Family):
         cls, meta: GGUFMetadata, special_ids: dict[str, int], vocab_size: int, tied: bool
     ) -> dict[str, Any]:
         config = cls.gguf_common(meta, special_ids, vocab_size)
-        head_dim = meta.arch_value("attention.key_length") or meta.arch_value("rope.dimension_count")
         config.update(
-            head_dim=int(head_dim or config["hidden_size"] // config["num_attention_heads"]),
-            rms_norm_eps=float(meta.arch_value("attention.layer_norm_rms_epsilon", 1e-6)),
+            head_dim=cls.gguf_head_dim(meta, config, "attention.key_length", "rope.dimension_count"),
+            rms_norm_eps=meta.arch_float("attention.layer_norm_rms_epsilon", 1e-6, open_low=False),
             hidden_act="silu",
             attention_bias=False,
             mlp_bias=False,

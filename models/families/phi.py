@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import Family, GGUFMetadata, activation, register
+from .base import Family, GGUFMetadata, activation, bool_param, float_param, register, str_param
 
 
 @register("PhiForCausalLM")
@@ -53,14 +53,15 @@ class Phi(Family):
     @classmethod
     def config(cls, hf: dict[str, Any]) -> ModelConfig:
         hf = cls.with_defaults(hf)
+        common = cls.common(hf)
         return ModelConfig(
-            **cls.common(hf),
+            **common,
             norm="layer",
-            norm_eps=float(hf["layer_norm_eps"]),
+            norm_eps=float_param(hf, "layer_norm_eps", low=0.0),
             mlp="plain",
-            act=activation(hf["hidden_act"]),
+            act=activation(str_param(hf, "hidden_act")),
             parallel_residual=True,
-            qk_norm="layer" if hf["qk_layernorm"] else None,
+            qk_norm="layer" if bool_param(hf, "qk_layernorm") else None,
             attn_bias=True,
             attn_out_bias=True,
             mlp_bias=True,
@@ -72,11 +73,16 @@ class Phi(Family):
         cls, meta: GGUFMetadata, special_ids: dict[str, int], vocab_size: int, tied: bool
     ) -> dict[str, Any]:
         config = cls.gguf_common(meta, special_ids, vocab_size)
-        head_dim = config["hidden_size"] // config["num_attention_heads"]
-        rotary = int(meta.arch_value("rope.dimension_count", head_dim))
+        head_dim = cls.gguf_head_dim(meta, config)
+        rotary = meta.arch_int("rope.dimension_count", head_dim, limit="head_dim")
+        if rotary > head_dim:
+            raise meta.refuse(
+                f"GGUF metadata '{meta.arch}.rope.dimension_count' ({rotary}) is larger than the head size "
+                f"({head_dim})"
+            )
         config.update(
             partial_rotary_factor=rotary / head_dim,
-            layer_norm_eps=float(meta.arch_value("attention.layer_norm_epsilon", 1e-5)),
+            layer_norm_eps=meta.arch_float("attention.layer_norm_epsilon", 1e-5, open_low=False),
             hidden_act="gelu_new",
             qk_layernorm=False,
             tie_word_embeddings=tied,

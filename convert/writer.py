@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import math
 import os
@@ -319,33 +320,83 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _staging(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary folder beside `out`, renamed to `out` on success and removed on any failure."""
+    """A temporary folder beside `out`, renamed to `out` on success and removed on any failure.
+
+    The run holds `out`'s lock (`hubquant.locks`) from before the folder is made until `out` is in
+    place, so a second run writing the same `out` is refused in one line. Holding it, the debris of
+    a killed run is cleared first: its staging folders are removed, and a previous `out` that a
+    killed `--force` had swapped aside is put back. A failed write (disk full, file-size limit...)
+    is one line naming `out` and the fix, and leaves no temporary folder behind.
+    """
+    from hubquant.locks import out_lock
+
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; OUT should be like any new folder
     except OSError as error:
-        raise HubquantError(f"cannot create {out}: {error.strerror or error}") from None
-    try:
-        yield tmp
-        _publish(tmp, out, force)
-    except OSError as error:
-        _remove(tmp)
-        raise HubquantError(_os_error_message(out, error)) from None
-    except BaseException:  # KeyboardInterrupt included: never leave a half-written folder
-        _remove(tmp)
-        raise
+        raise HubquantError(
+            f"cannot create {out.parent}: {error.strerror or error}; pick another --out"
+        ) from None
+    with out_lock(out):
+        try:
+            clear_debris(out)
+        except OSError as error:
+            raise HubquantError(
+                f"cannot clear what an earlier run left beside {out}: {error.strerror or error} "
+                f"({error.filename}); remove it by hand and retry"
+            ) from None
+        check_out(out, force)  # the debris may have held the previous OUT
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; OUT should be like any new folder
+        except OSError as error:
+            raise HubquantError(_os_error_message(out, error)) from None
+        try:
+            yield tmp
+            _publish(tmp, out, force)
+        except OSError as error:
+            _remove(tmp)
+            raise HubquantError(_os_error_message(out, error)) from None
+        except BaseException:  # KeyboardInterrupt included: never leave a half-written folder
+            _remove(tmp)
+            raise
 
 
 staging = _staging  # the public name: quantize writes its folders the same way
 
 
+def clear_debris(out: Path) -> None:
+    """Remove what killed runs left beside `out`; call it holding `out`'s lock.
+
+    A `.OUT.tmp-*` staging folder is an unfinished output, a `.OUT.del-*` folder a replaced one
+    being deleted: both removed. A `.OUT.old-*` folder is a whole previous OUT that a `--force` run
+    swapped aside before renaming its new folder into place: when OUT is missing the run died
+    between the two renames, and the old folder is put back; otherwise it was replaced: removed.
+
+    Args:
+        out: the output folder.
+    """
+    pattern = glob.escape(f".{out.name}.")
+    for debris in [*out.parent.glob(pattern + "tmp-*"), *out.parent.glob(pattern + "del-*")]:
+        _remove(debris)
+    olds = sorted(out.parent.glob(pattern + "old-*"))
+    if olds and not (out.exists() or out.is_symlink()) and olds[0].is_dir():
+        os.rename(olds.pop(0), out)
+    for old in olds:
+        _remove(old)
+
+
 def _os_error_message(out: Path, error: OSError) -> str:
     where = f" ({error.filename})" if error.filename else ""
-    fix = "free disk space or choose another --out"
-    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space or choose another --out; the partial output was removed"
+    elif error.errno == errno.EFBIG:
+        fix = (
+            "the file-size limit was reached (ulimit -f, or the filesystem's largest file): raise it or "
+            "choose another --out; the partial output was removed"
+        )
+    else:
         fix = "check the source is readable and OUT's folder is writable"
-    return f"converting into {out} failed: {error.strerror or error}{where}; {fix}"
+    return f"writing {out} failed: {error.strerror or error}{where}; {fix}"
 
 
 def _umask() -> int:
@@ -370,7 +421,10 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
     except BaseException:
         os.rename(old, out)  # put the previous folder back
         raise
-    _remove(old)
+    # Renamed before it is deleted, so that a `.old-*` folder is always whole (see clear_debris).
+    trash = old.with_name(f".{out.name}.del-{old.name.rsplit('-', 1)[-1]}")
+    os.rename(old, trash)
+    _remove(trash)
 
 
 def _remove(path: Path) -> None:

@@ -34,6 +34,7 @@ as before, and decoder rows hold null there. An embedding run's budget is `{"min
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -171,20 +172,59 @@ def verdict(
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
-    """Write `results` atomically: a temporary file beside `path`, renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write `results` atomically: a temporary file beside `path`, flushed to disk, renamed into place.
+
+    A reader (or a rerun after `kill -9`) sees the previous results.json or the new one, never part
+    of one; a killed write leaves at most a `.results.json.*` temporary file, which the next run
+    holding OUT's lock removes (`clear_temporary_files`).
+
+    Raises:
+        HubquantError: the file cannot be written (disk full...): one line naming it and the fix;
+            the previous results.json is left as it was and the temporary file is removed.
+    """
+    from hubquant.errors import HubquantError
+
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             json.dump(results, f, indent=2, allow_nan=False)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # renamed only once its bytes are on disk
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; results are ordinary files
         os.replace(tmp, path)
+    except OSError as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        fix = "free disk space or choose another --out" if full else "check that OUT's folder is writable"
+        kept = f"the previous {path.name} is unchanged" if path.is_file() else "nothing was written"
+        raise HubquantError(f"cannot write {path}: {error.strerror or error}; {fix} ({kept})") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def clear_temporary_files(folder: Path) -> list[Path]:
+    """Remove the temporary files that killed writes left in an eval run's OUT (results.json's, and
+    the reports' `.report.csv.*.tmp` / `.report.html.*.tmp`); call it holding OUT's lock. Returns
+    what was removed.
+
+    Args:
+        folder: an eval run's OUT.
+    """
+    removed = []
+    for pattern in (".results.json.*", ".report.csv.*.tmp", ".report.html.*.tmp"):
+        for tmp in Path(folder).glob(pattern):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def read_results(path: Path) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from hubquant.errors import HubquantError
+from hubquant.locks import hold, lock_scope
 
 from .data import load_text
 from .results import (
@@ -45,6 +46,7 @@ from .results import (
     DEFAULT_MIN_TOP1,
     SCHEMA_VERSION,
     Row,
+    clear_temporary_files,
     verdict,
     write_results,
 )
@@ -129,6 +131,7 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+@lock_scope
 def run_eval(
     model_source: str | None = None,
     *,
@@ -223,6 +226,8 @@ def run_eval(
             "(convert a checkpoint that has one, or add its tokenizer.json to the folder)"
         )
     out_path = out_path.expanduser().absolute()
+    hold(out_path)  # one run per OUT (hubquant.locks), until run_eval returns
+    clear_temporary_files(out_path)  # what a killed run's writes left; never read
 
     from hubquant.models import load
     from hubquant.models.checkpoint import read_config
@@ -348,18 +353,35 @@ def _bos(tokenizer: Any, family: Any) -> tuple[int | None, str]:
 
 
 def _resume(path: Path, header: dict[str, Any], force: bool) -> list[Row]:
-    """The rows of an earlier run with the same settings; none with --force."""
+    """The rows of an earlier run with the same settings; none with --force.
+
+    A results.json that is not one whole file of this schema (not JSON, cut short, rows without a
+    variant...) is never trusted nor a reason to stop: it is kept aside as `results.json.unreadable`
+    and the run starts over. (hubquant itself never leaves one: results.json is replaced atomically.)
+    """
+    import os
+
     from .results import read_results, rows_of
 
     if force or not path.is_file():
         return []
-    old = read_results(path)
+    try:
+        old = read_results(path)
+        rows = rows_of(old)
+        if not all(isinstance(r.variant, str) and r.variant for r in rows):
+            raise TypeError("a row has no variant name")
+    except (HubquantError, TypeError, AttributeError, ValueError) as error:
+        aside = path.with_name(f"{path.name}.unreadable")
+        os.replace(path, aside)
+        why = "not a results.json of this hubquant" if isinstance(error, HubquantError) else str(error)
+        print(f"{path} could not be read ({why}); kept as {aside.name}, starting over")
+        return []
     same = all(old.get(key) == header[key] for key in ("model", "dataset", "method", "budget"))
     if not same:
         raise HubquantError(
             f"{path} holds results made with other settings; pass --force to start over, or another --out"
         )
-    return rows_of(old)
+    return rows
 
 
 def _measure(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,10 @@ def load(
     if cfg.kind == "encoder":
         cfg = family.adapt(cfg, hub_tensor_names(folder, shards))
 
+    if device_map is None:  # a device map plans each device's share itself
+        check_load_memory(
+            folder, shards, source, dtype, device, quantized=bool(hf_config.get("quantization_config"))
+        )
     with torch.device("meta"):
         model = build_model(cfg)
     plan = offload = None
@@ -124,6 +129,66 @@ def load(
         model.sentence = read_sentence_config(folder, cfg)
         model.tokenizer = tokenizer
     return model, tokenizer
+
+
+def weights_bytes(folder: Path, shards: dict[str, list[str] | None], dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes of every tensor once loaded, floating ones in `dtype`; bytes of the largest tensor as
+    stored), from the shards' headers alone.
+
+    Args:
+        folder: the checkpoint folder.
+        shards: `shard_files(folder)`.
+        dtype: the dtype floating tensors are cast to.
+    """
+    from .safetensors_file import SafetensorsFile
+
+    total = largest = 0
+    for shard in shards:
+        try:
+            with SafetensorsFile(folder / shard) as f:
+                for name in f.keys():
+                    numel, stored = math.prod(f.shape(name)), f.dtype(name)
+                    total += numel * (dtype.itemsize if stored.is_floating_point else stored.itemsize)
+                    largest = max(largest, numel * stored.itemsize)
+        except OSError as error:
+            raise HubquantError(f"cannot read {folder / shard}: {error}") from None
+    return total, largest
+
+
+def check_load_memory(
+    folder: Path,
+    shards: dict[str, list[str] | None],
+    source: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    quantized: bool = False,
+) -> None:
+    """Refuse a load whose weights (in `dtype`, plus one tensor being read) exceed the memory
+    available on `device` (`hubquant.memory`), with the figures and the fix.
+
+    Args:
+        folder: the checkpoint folder.
+        shards: `shard_files(folder)`.
+        source: the name the user gave, for the message.
+        dtype: the dtype floating tensors are loaded in.
+        device: where the weights go.
+        quantized: the checkpoint is a quantized variant already.
+    """
+    from hubquant.memory import check_memory
+
+    total, largest = weights_bytes(folder, shards, dtype)
+    # Read into CPU memory tensor by tensor: on a GPU, the CPU holds one tensor at a time.
+    needed = total + (largest if device.type == "cpu" else 0)
+    fixes = []
+    if dtype.itemsize > 2:
+        fixes.append("--dtype bf16")
+    if not quantized:
+        fixes.append("a quantized variant (hubquant quantize --out)")
+    fixes.append("a GPU with more memory" if device.type == "cuda" else "a machine with more memory")
+    fix = "use " + (", ".join(fixes[:-1]) + ", or " if len(fixes) > 1 else "") + fixes[-1]
+    name = str(dtype).removeprefix("torch.")
+    check_memory(needed, device, what=f"loading {source} in {name} on {device}", fix=fix)
 
 
 def torch_device(device: torch.device | str) -> torch.device:

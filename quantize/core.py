@@ -227,10 +227,36 @@ def quantize_checkpoint(
     family = family_for(hf_config)
     streamer = _LayerStreamer(folder, family, hf_config, shard_files(folder), target_dtype)
     _check_head(streamer.model, include_head)
+    _check_streaming_memory(streamer, source, target_dtype)
     with staging(out, force) as tmp:
         report = _write_quantized(streamer, quantizer, tmp, include_head, progress)
         _write_metadata(folder, tmp, hf_config, quantizer, report, target_dtype, streamer, source)
     return out, report
+
+
+def _check_streaming_memory(streamer: _LayerStreamer, source: str | Path, dtype: torch.dtype) -> None:
+    """Refuse, before anything is read, a checkpoint whose largest layer (or embeddings and head)
+    cannot be held twice in the base dtype: the peak of streaming, one group at a time."""
+    from hubquant.memory import check_memory
+
+    def group_bytes(names: list[str]) -> int:
+        total = 0
+        for name in names:
+            placeholder = streamer.expected[name]
+            itemsize = dtype.itemsize if placeholder.is_floating_point() else placeholder.element_size()
+            total += placeholder.numel() * itemsize
+        return total
+
+    groups: list[int | None] = [None, *range(len(streamer.model.layers))]
+    needed = 2 * max(group_bytes(streamer.group(group)) for group in groups)
+    name = str(dtype).removeprefix("torch.")
+    smaller = "--dtype bf16 or " if dtype.itemsize > 2 else ""
+    check_memory(
+        needed,
+        "cpu",
+        what=f"quantizing {source} (its largest layer twice, in {name})",
+        fix=f"free memory, or use {smaller}a machine with more memory",
+    )
 
 
 class _LayerStreamer:
@@ -385,8 +411,10 @@ def _write_quantized(
             try:
                 for tensor in tensors.values():
                     writer.write(tensor.contiguous().cpu())
-            finally:
+            except BaseException:
                 writer.close(check=False)
+                raise
+            writer.close()  # checks the finished shard with the safetensors library
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update(dict.fromkeys(tensors, shard))
             del tensors

@@ -109,6 +109,7 @@ def dry_run_text(folder: Path, repo_id: str, *, private: bool = False, revision:
     folder = Path(folder)
     _check_repo_id(repo_id)
     method, base, files = check_folder(folder)
+    _refuse_secrets(files, _secrets(None))  # the card is printed: a token in it would be too
     card = _card_bytes(folder, repo_id)
     sizes = {name: (len(card) if name == CARD else path.stat().st_size) for name, path in files}
     width = max(len(human_bytes(size)) for size in sizes.values())
@@ -125,9 +126,25 @@ def dry_run_text(folder: Path, repo_id: str, *, private: bool = False, revision:
     return "\n".join(lines) + "\n"
 
 
+def _secrets(token: str | None) -> list[str]:
+    """The Hub tokens in play (`token`, then HF_TOKEN or the saved login): kept to scrub messages
+    and to check files against; never shown. Read locally, contacting nothing."""
+    try:
+        import huggingface_hub
+
+        saved = huggingface_hub.get_token()
+    except Exception:  # an unreadable token file is no reason to fail here
+        saved = None
+    # Anything shorter than a real token (hf_ and 34 characters) would match ordinary text.
+    return [secret for secret in dict.fromkeys((token, saved)) if secret and len(secret) >= 8]
+
+
 def _refuse_secrets(files: list[tuple[str, Path]], secrets: list[str]) -> None:
-    """Refuse to upload a small file (config, card, tokenizer...) that holds the Hub token."""
+    """Refuse to upload (or print, in a dry run) a small file (config, card, tokenizer...) that
+    holds the Hub token, or a file named with it."""
     for name, path in files:
+        if any(secret in name for secret in secrets):
+            raise HubquantError("a file in the folder is named with your Hub token; rename it before pushing")
         if name.endswith(".safetensors") or path.stat().st_size > 64 * 2**20:
             continue
         data = path.read_bytes()
@@ -235,8 +252,7 @@ def push(
     import huggingface_hub
     from huggingface_hub import CommitOperationAdd
 
-    # Kept to scrub error messages; never shown.
-    secrets = [secret for secret in (token, huggingface_hub.get_token()) if secret]
+    secrets = _secrets(token)  # kept to scrub error messages; never shown
     if api is None:
         token = token or huggingface_hub.get_token()
         if not token:

@@ -24,6 +24,14 @@ def write_text_atomic(path: Path, text: str) -> Path:
             f.write(text)
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is meant to be shared
         os.replace(tmp, path)
+    except OSError as error:
+        from hubquant.errors import HubquantError
+
+        Path(tmp).unlink(missing_ok=True)
+        raise HubquantError(
+            f"cannot write {path}: {error.strerror or error}; free disk space or choose another --out "
+            f"(the previous {path.name} is unchanged)"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

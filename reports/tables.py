@@ -486,13 +486,45 @@ def combined_frame(runs: list[dict[str, Any]]) -> pd.DataFrame:
     return _frame(records, ["model", *_columns(pairs, figures, method_columns)])
 
 
+# A cell a spreadsheet would run as a formula starts with one of these (OWASP's CSV injection list,
+# and their full-width forms, which some spreadsheets read the same way).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+
+
+def defuse(value: Any) -> Any:
+    """A text cell made inert for spreadsheets: one starting like a formula gets a leading `'`
+    (OWASP's advice), which spreadsheets show as text. A carriage return becomes a line feed: the
+    CSV writer quotes a cell holding a line feed, but would leave a lone carriage return bare, and
+    readers take that for the end of the row (a new row, starting with whatever followed). Numbers
+    and other values are unchanged, so a negative figure stays a number.
+
+    Args:
+        value: a cell or a column name.
+    """
+    if not isinstance(value, str):
+        return value
+    value = value.replace("\r\n", "\n").replace("\r", "\n")
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
 def frame_csv(frame: pd.DataFrame) -> str:
     """A table as CSV text: empty cells for missing figures, full precision.
+
+    Text from results.json (model and variant names, settings, notes, task names...) cannot run as a
+    formula when the file is opened in a spreadsheet, nor end its row early: a text cell (or column
+    name) that starts with `=`, `+`, `-`, `@` or a tab is written with a leading `'`, and carriage
+    returns in text become line feeds (see `defuse`).
 
     Args:
         frame: from `to_frame` or `combined_frame`.
     """
-    return frame.to_csv(index=False, na_rep="", lineterminator="\n")
+    from pandas.api.types import is_object_dtype, is_string_dtype
+
+    safe = frame.rename(columns=defuse)
+    for column in safe.columns:
+        if is_object_dtype(safe[column]) or is_string_dtype(safe[column]):
+            safe[column] = safe[column].map(defuse)
+    return safe.to_csv(index=False, na_rep="", lineterminator="\n")
 
 
 def write_csv(results: dict[str, Any], path: str | Path) -> Path:

@@ -149,6 +149,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         tasks=tasks,
         speed=not args.no_speed,
         compile=args.compile,
+        device_map=args.device_map,
+        max_memory=parse_max_memory(args.max_memory),
         device=args.device or "auto",
         out=args.out,
         force=args.force,
@@ -349,10 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="default: fp32 on cpu, bf16 on a GPU (convert: bf16)",
         )
-    gen.add_argument("--device-map", default=None, help="'auto': spread the model over GPUs, CPU and disk")
-    gen.add_argument(
-        "--max-memory", default=None, help="with --device-map: e.g. 0=20GiB,cpu=60GiB,disk=200GiB"
-    )
+    for p in (gen, ev):
+        p.add_argument("--device-map", default=None, help="'auto': spread the model over GPUs, CPU and disk")
+        p.add_argument(
+            "--max-memory", default=None, help="with --device-map: e.g. 0=20GiB,cpu=60GiB,disk=200GiB"
+        )
     for p in (gen, emb, ev):
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     return parser

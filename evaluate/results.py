@@ -88,6 +88,9 @@ class Row:
     peak_rss_bytes: int | None = None
     cuda_peak_allocated_bytes: int | None = None
     cuda_peak_reserved_bytes: int | None = None
+    # With a device map: the peak memory of each device the model was spread over, bytes
+    # ("cpu": peak RSS; "cuda:N": allocated).
+    device_peak_bytes: dict[str, int] = field(default_factory=dict)
     load_s: float | None = None
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
     skipped_layers: int | None = None

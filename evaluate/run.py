@@ -127,6 +127,30 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def _placement(model: torch.nn.Module) -> dict[str, Any]:
+    """The device map the base model was spread with, for the report (nothing without one)."""
+    plan = getattr(model, "hf_device_map", None)
+    if not plan:
+        return {}
+    from hubquant.models.dispatch import describe_device_map
+
+    return {"device_map": describe_device_map(plan)}
+
+
+def _device_peaks(plan: dict[str, Any], rss: int | None) -> dict[str, int]:
+    """Peak memory of each device in a device map: RSS for the CPU (and disk offload's reads),
+    allocated bytes for each GPU."""
+    peaks: dict[str, int] = {}
+    for device in dict.fromkeys(str(d) for d in plan.values()):
+        if device in ("cpu", "disk"):
+            if rss is not None:
+                peaks["cpu"] = rss
+        else:
+            index = int(device.removeprefix("cuda:"))
+            peaks[f"cuda:{index}"] = torch.cuda.max_memory_allocated(index)
+    return peaks
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
@@ -155,6 +179,8 @@ def run_eval(
     max_sentences: int | None = None,
     min_cosine: float = DEFAULT_MIN_COSINE,
     compile: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure a model and its quantized variants; write results.json, report.csv, report.html.
 
@@ -180,6 +206,9 @@ def run_eval(
         min_cosine: embedders only: the verdict's budget, the least mean cosine similarity of a
             variant's sentence vectors to the base's (default 0.99).
         compile: decoders: measure decode with the compiled step (`generate(compile=True)`).
+        device_map, max_memory: decoders: spread the base model over GPUs, CPU and disk (as
+            `hubquant.load`); the report records which layers went where and each device's peak.
+            Quantized variants load on `device`.
 
     An encoder checkpoint (BERT) is measured by `hubquant.evaluate.encoder.run_encoder_eval`,
     which states its own method; the flags that mean nothing for it are refused with the fix.
@@ -234,6 +263,8 @@ def run_eval(
     from hubquant.models.families import family_for
 
     family = family_for(read_config(folder))
+    if device_map is not None and family.config(read_config(folder)).kind == "encoder":
+        raise HubquantError("--device-map applies to decoders; an encoder fits on one device")
     if family.config(read_config(folder)).kind == "encoder":
         from .encoder import run_encoder_eval
 
@@ -265,7 +296,14 @@ def run_eval(
         raise HubquantError("--max-sentences applies to embedders (encoders); drop it for a decoder")
     ctx = DEFAULT_CTX if ctx is None else ctx
     start = time.perf_counter()
-    base, tokenizer = load(folder, dtype=target_dtype, device=dev, progress=progress)
+    base, tokenizer = load(
+        folder,
+        dtype=target_dtype,
+        device=dev,
+        progress=progress,
+        device_map=device_map,
+        max_memory=max_memory,
+    )
     base_load_s = time.perf_counter() - start
     assert tokenizer is not None
 
@@ -296,7 +334,7 @@ def run_eval(
         },
         "dataset": {"name": text.name, "sha256": text.sha256, "chars": len(text.text)},
         "method": method,
-        "environment": _environment(dev),
+        "environment": {**_environment(dev), **_placement(base)},
         "budget": {"max_kld": max_kld, "min_top1": min_top1},
     }
     results_path = out_path / "results.json"
@@ -439,6 +477,13 @@ def _measure(
     if device.type == "cuda":
         row.cuda_peak_allocated_bytes = torch.cuda.max_memory_allocated(device)
         row.cuda_peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
+    plan = getattr(model, "hf_device_map", None)
+    if plan:
+        row.device_peak_bytes = _device_peaks(plan, row.peak_rss_bytes)
+        row.notes.append(
+            "peak memory per device: "
+            + ", ".join(f"{d} {b / 1e9:.2f} GB" for d, b in row.device_peak_bytes.items())
+        )
     if model is not base:
         del model
         gc.collect()

@@ -134,6 +134,29 @@ def placement(plan: DeviceMap) -> Callable[[str], str | int]:
     return where
 
 
+def describe_device_map(plan: DeviceMap) -> str:
+    """Which modules live where, in one line: "0: embed, layers 0-15; cpu: layers 16-31, norm,
+    lm_head; disk: ..." (runs of consecutive layers collapsed)."""
+    import re
+
+    by_device: dict[str, list[str]] = {}
+    for name, device in plan.items():
+        by_device.setdefault(str(device), []).append(name)
+    parts = []
+    for device, names in by_device.items():
+        layers = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"layers\.(\d+)", n)))
+        others = [n for n in names if not re.fullmatch(r"layers\.\d+", n)]
+        runs: list[str] = []
+        for i in layers:
+            if runs and runs[-1][1] == i - 1:
+                runs[-1] = (runs[-1][0], i)
+            else:
+                runs.append((i, i))
+        text = [f"layers {a}-{b}" if a != b else f"layer {a}" for a, b in runs]
+        parts.append(f"{device}: {', '.join(others[:1] + text + others[1:]) or '-'}")
+    return "; ".join(parts)
+
+
 def as_torch_device(device: str | int) -> torch.device:
     return torch.device(f"cuda:{device}") if isinstance(device, int) else torch.device(device)
 

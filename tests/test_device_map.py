@@ -80,3 +80,27 @@ def test_generate_cli_with_a_device_map(hf_checkpoint, capsys, tmp_path):
     assert capsys.readouterr().out == split
     assert main([*args, "--device-map", "auto", "--max-memory", "cpu"]) == 1
     assert "give DEVICE=SIZE pairs" in capsys.readouterr().err
+
+
+def test_eval_records_the_device_map_and_peaks(hf_checkpoint, tmp_path):
+    from test_sweep import with_tokenizer
+
+    from hubquant.evaluate.run import run_eval
+
+    folder = with_tokenizer(hf_checkpoint("llama_gqa")[0], tmp_path / "tiny")
+    device_map = {"embed": "cpu", "norm": "cpu", "lm_head": "cpu", "layers.0": "cpu", "layers.1": "disk"}
+    results = run_eval(
+        str(folder), variants=["base", "int8"], ctx=16, max_chunks=2, max_tokens=200, speed=False,
+        dtype="fp32", device="cpu", out=tmp_path / "out", device_map=device_map, progress=False,
+    )  # fmt: skip
+    assert results["environment"]["device_map"] == "cpu: embed, layer 0, norm, lm_head; disk: layer 1"
+    base, int8 = results["rows"]
+    assert base["device_peak_bytes"]["cpu"] > 0 and any("peak memory per device" in n for n in base["notes"])
+    assert int8["kld_mean"] is not None and not int8["device_peak_bytes"]  # the variant runs on one device
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "disk: layer 1" in html
+    plain = run_eval(
+        str(folder), variants=["base"], ctx=16, max_chunks=2, max_tokens=200, speed=False,
+        dtype="fp32", device="cpu", out=tmp_path / "plain", progress=False,
+    )  # fmt: skip
+    assert abs(plain["rows"][0]["ppl"] - base["ppl"]) <= 1e-4 * base["ppl"]

@@ -173,6 +173,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     if args.force and not args.out:
         raise HubquantError("--force replaces an existing --out folder; it needs --out")
     options = dict(group_size=args.group_size, hqq=args.hqq, include_head=args.include_head)
+    if args.device_map and not args.out:
+        raise HubquantError("--device-map streams the checkpoint into --out; add --out DIR")
     if args.out:
         from hubquant.quantize.core import quantize_checkpoint
 
@@ -183,6 +185,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
             dtype=args.dtype,
             revision=args.revision,
             force=args.force,
+            device_map=args.device_map,
+            max_memory=parse_max_memory(args.max_memory),
             **options,
         )
         print(report_summary(report))
@@ -351,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="default: fp32 on cpu, bf16 on a GPU (convert: bf16)",
         )
-    for p in (gen, ev):
+    for p in (gen, ev, quant):
         p.add_argument("--device-map", default=None, help="'auto': spread the model over GPUs, CPU and disk")
         p.add_argument(
             "--max-memory", default=None, help="with --device-map: e.g. 0=20GiB,cpu=60GiB,disk=200GiB"

@@ -186,6 +186,8 @@ def quantize_checkpoint(
     revision: str | None = None,
     force: bool = False,
     progress: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> tuple[Path, QuantReport]:
     """Stream a checkpoint into a quantized Hub-layout folder that transformers loads unchanged.
 
@@ -202,6 +204,9 @@ def quantize_checkpoint(
         revision: Hub branch, tag or commit.
         force: replace a non-empty `out`.
         progress: show a progress bar.
+        device_map, max_memory: quantize each layer on the device a device map gives it (as
+            `hubquant.load` plans it: GPUs first); layers mapped to the CPU or disk are quantized
+            on the CPU. The folder written is the same as without.
 
     Returns:
         (the folder, the report).
@@ -227,7 +232,12 @@ def quantize_checkpoint(
     family = family_for(hf_config)
     streamer = _LayerStreamer(folder, family, hf_config, shard_files(folder), target_dtype)
     _check_head(streamer.model, include_head)
-    _check_streaming_memory(streamer, source, target_dtype)
+    if device_map is not None:
+        from hubquant.models.dispatch import plan_device_map
+
+        streamer.plan = plan_device_map(streamer.model, device_map, max_memory, target_dtype)
+    else:
+        _check_streaming_memory(streamer, source, target_dtype)
     with staging(out, force) as tmp:
         report = _write_quantized(streamer, quantizer, tmp, include_head, progress)
         _write_metadata(folder, tmp, hf_config, quantizer, report, target_dtype, streamer, source)
@@ -297,6 +307,18 @@ class _LayerStreamer:
         missing = sorted(set(self.expected) - set(self.where))
         if missing:
             raise HubquantError(f"tensor {family.to_hub(missing[0])} is missing from {folder}")
+
+    plan: dict[str, Any] | None = None  # a device map: where each layer is quantized
+
+    def place(self, layer: int) -> None:
+        """Move a materialized layer to the GPU its device map gives it (CPU and disk: stay)."""
+        if self.plan is None:
+            return
+        from hubquant.models.dispatch import placement
+
+        where = placement(self.plan)(f"layers.{layer}.")
+        if isinstance(where, int):
+            self.model.layers[layer].to(f"cuda:{where}")
 
     def group(self, layer: int | None) -> list[str]:
         """Canonical names of one layer's tensors, or (None) of everything outside the layers."""
@@ -385,6 +407,8 @@ def _write_quantized(
         for group, shard in zip(bar, names, strict=True):
             canon = streamer.group(group)
             streamer.materialize(canon)
+            if group is not None:
+                streamer.place(group)
             tensors: dict[str, torch.Tensor] = {}
             done: set[str] = set()
             targets = list(_projections(model, group)) if group is not None else []

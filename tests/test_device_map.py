@@ -104,3 +104,25 @@ def test_eval_records_the_device_map_and_peaks(hf_checkpoint, tmp_path):
         dtype="fp32", device="cpu", out=tmp_path / "plain", progress=False,
     )  # fmt: skip
     assert abs(plain["rows"][0]["ppl"] - base["ppl"]) <= 1e-4 * base["ppl"]
+
+
+def test_quantize_with_a_device_map_writes_the_same_folder(hf_checkpoint, tmp_path):
+    import hashlib
+
+    from hubquant.quantize.core import quantize_checkpoint
+
+    folder, _ = hf_checkpoint("llama_gqa")
+    device_map = {"embed": "cpu", "norm": "cpu", "lm_head": "cpu", "layers.0": "cpu", "layers.1": "disk"}
+    plain, _ = quantize_checkpoint(folder, tmp_path / "plain", "int8", progress=False)
+    mapped, _ = quantize_checkpoint(
+        folder, tmp_path / "mapped", "int8", progress=False, device_map=device_map
+    )
+
+    def digests(out):
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.glob("*.safetensors"))}
+
+    assert digests(plain) == digests(mapped) and len(digests(plain)) == 3
+    with pytest.raises(HubquantError, match="max_memory allows"):
+        quantize_checkpoint(
+            folder, tmp_path / "x", "int8", progress=False, device_map="auto", max_memory={"cpu": 100}
+        )

@@ -568,32 +568,17 @@ def _measure_encoder(
     device: torch.device,
     progress: bool,
 ) -> Row:
-    from hubquant.models import load
     from hubquant.models.encoder import Encoder
 
-    from .run import _folder_bytes, _make_variant
-    from .speed import measure_encode_speed, peak_rss_bytes, reset_peak_rss, weight_bytes
+    from .run import _folder_bytes, start_row
+    from .speed import measure_encode_speed, peak_rss_bytes, weight_bytes
 
-    row = Row(variant)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    reset_peak_rss()
-    if variant == "base":
-        model, vfolder, row.load_s = base, folder, base_load_s
-        row.method_settings = {"dtype": str(dtype).removeprefix("torch.")}
-    else:
-        vfolder = _make_variant(variant, folder, out, progress)
-        start = time.perf_counter()
-        model, _ = load(vfolder, dtype=dtype, device=device, progress=progress)
-        row.load_s = time.perf_counter() - start
+    row, model, vfolder = start_row(variant, base, base_load_s, folder, out, dtype, device, progress)
+    if variant != "base":
         if not isinstance(model, Encoder):
             raise HubquantError(
                 f"variant {variant} in {vfolder} did not load as an encoder; remake it with --force"
             )
-        report = getattr(model, "quant_report", None)
-        if report is not None:
-            row.method_settings = {"method": report.method, "library": report.library, **report.settings}
-            row.skipped_layers = len(report.skipped)
         # The same model: the base's tokenizer and sentence pipeline apply to every variant.
         declared = getattr(model, "sentence", None)
         if task == "embedding" and declared is not None and declared != base.sentence:

@@ -437,28 +437,10 @@ def _measure(
     progress: bool,
     compile: bool = False,
 ) -> Row:
-    from hubquant.models import load
 
-    from .speed import measure_speed, peak_rss_bytes, reset_peak_rss, weight_bytes
+    from .speed import measure_speed, peak_rss_bytes, weight_bytes
 
-    row = Row(variant)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    reset_peak_rss()
-    if variant == "base":
-        model, vfolder, row.load_s = base, folder, base_load_s
-        row.method_settings = {"dtype": str(dtype).removeprefix("torch.")}
-    else:
-        vfolder = _make_variant(variant, folder, out, progress)
-        start = time.perf_counter()
-        model, _ = load(vfolder, dtype=dtype, device=device, progress=progress)
-        row.load_s = time.perf_counter() - start
-        report = getattr(model, "quant_report", None)
-        if report is not None:
-            row.method_settings = {"method": report.method, "library": report.library, **report.settings}
-            row.skipped_layers = len(report.skipped)
-        else:
-            row.method_settings = {"source": variant}
+    row, model, vfolder = start_row(variant, base, base_load_s, folder, out, dtype, device, progress)
     s = score(model, wins, base=base, device=device, progress=progress, desc=f"score {variant}").summary()
     for key, value in s.items():
         setattr(row, key, value)
@@ -488,6 +470,47 @@ def _measure(
         del model
         gc.collect()
     return row
+
+
+def start_row(
+    variant: str,
+    base: torch.nn.Module,
+    base_load_s: float,
+    folder: Path,
+    out: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool,
+) -> tuple[Row, torch.nn.Module, Path]:
+    """A variant's row begun the same way for every kind of model: memory peaks reset, the variant
+    made (streamed into OUT/variants) and loaded, its load time and settings recorded.
+
+    Returns:
+        (the row, the loaded model (the base itself for "base"), the variant's folder).
+    """
+    from hubquant.models import load
+
+    from .speed import reset_peak_rss
+
+    row = Row(variant)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+    if variant == "base":
+        row.load_s = base_load_s
+        row.method_settings = {"dtype": str(dtype).removeprefix("torch.")}
+        return row, base, folder
+    vfolder = _make_variant(variant, folder, out, progress)
+    start = time.perf_counter()
+    model, _ = load(vfolder, dtype=dtype, device=device, progress=progress)
+    row.load_s = time.perf_counter() - start
+    report = getattr(model, "quant_report", None)
+    if report is not None:
+        row.method_settings = {"method": report.method, "library": report.library, **report.settings}
+        row.skipped_layers = len(report.skipped)
+    else:
+        row.method_settings = {"source": variant}
+    return row, model, vfolder
 
 
 def _make_variant(variant: str, folder: Path, out: Path, progress: bool) -> Path:

@@ -607,6 +607,8 @@ def test_quantize_command_with_out(monkeypatch, capsys, tmp_path):
         dtype="fp32",
         revision="v1",
         force=True,
+        device_map=None,
+        max_memory=None,
     )
     out = capsys.readouterr().out
     assert report_summary(make_report()) in out and f"wrote {tmp_path / 'q'}" in out

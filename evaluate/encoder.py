@@ -61,8 +61,7 @@ import gc
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +70,7 @@ import torch.nn.functional as F
 
 from hubquant.errors import HubquantError
 
-from .results import SCHEMA_VERSION, Row, verdict, write_results
+from .results import Row, results_header, save_results, verdict
 from .scoring import Scores
 
 if TYPE_CHECKING:
@@ -490,29 +489,17 @@ def run_encoder_eval(
         )
         summary = f"{len(sentences)} sentences, top-{method['nn_k']} neighbours"
     method.update(speed_runs=SPEED_RUNS if speed else 0, encode_batch=ENCODE_BATCH, encode_length=length)
-    header = {
-        "schema_version": SCHEMA_VERSION,
-        "task": task,
-        "model": {
-            "id": model_id,
-            "commit": folder.name if len(folder.name) == 40 else None,
-            "family": family.name,
-        },
-        "dataset": {"name": text.name, "sha256": text.sha256, "chars": len(text.text)},
-        "method": method,
-        "environment": _environment(device),
-        "budget": budget,
-    }
+    header = results_header(
+        task=task, model_id=model_id, folder=folder, family=family.name, text=text, method=method,
+        environment=_environment(device), budget=budget,
+    )  # fmt: skip
     results_path = out_path / "results.json"
     rows = _resume(results_path, header, force)
     done = {r.variant for r in rows}
 
     def save() -> dict[str, Any]:
         judged = verdict(rows, max_kld, min_top1, min_cosine=min_cosine if task == "embedding" else None)
-        results = {**header, "rows": [asdict(r) for r in rows], "verdict": judged}
-        results["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        write_results(results_path, results)
-        return results
+        return save_results(results_path, header, rows, judged)
 
     print(
         f"hubquant eval {model_id} ({task}): {summary}; {text.name} sha256 {text.sha256[:12]}; {dtype} on {device}"

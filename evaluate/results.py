@@ -174,6 +174,54 @@ def verdict(
     }
 
 
+def results_header(
+    *,
+    task: str,
+    model_id: str,
+    folder: Path,
+    family: str,
+    text: Any,
+    method: dict[str, Any],
+    environment: dict[str, Any],
+    budget: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything of a results.json but its rows and verdict, the same for every kind of model.
+
+    Args:
+        task: "causal-lm", "masked-lm" or "embedding".
+        model_id: the model as the user named it.
+        folder: the checkpoint folder (a 40-hex name is the Hub commit).
+        family: the family's name.
+        text: the dataset (`evaluate.data` text: name, sha256, text).
+        method, environment, budget: as measured and judged.
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "task": task,
+        "model": {
+            "id": model_id,
+            "commit": folder.name if len(folder.name) == 40 else None,
+            "family": family,
+        },
+        "dataset": {"name": text.name, "sha256": text.sha256, "chars": len(text.text)},
+        "method": method,
+        "environment": environment,
+        "budget": budget,
+    }
+
+
+def save_results(
+    path: Path, header: dict[str, Any], rows: list[Row], judged: dict[str, Any]
+) -> dict[str, Any]:
+    """The header, the rows and the verdict, stamped with the time, written atomically to `path`."""
+    from datetime import datetime, timezone
+
+    results = {**header, "rows": [asdict(r) for r in rows], "verdict": judged}
+    results["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_results(path, results)
+    return results
+
+
 def write_results(path: Path, results: dict[str, Any]) -> None:
     """Write `results` atomically: a temporary file beside `path`, flushed to disk, renamed into place.
 

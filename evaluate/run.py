@@ -28,8 +28,6 @@ from __future__ import annotations
 import gc
 import platform
 import time
-from dataclasses import asdict
-from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -44,11 +42,11 @@ from .results import (
     DEFAULT_MAX_KLD,
     DEFAULT_MIN_COSINE,
     DEFAULT_MIN_TOP1,
-    SCHEMA_VERSION,
     Row,
     clear_temporary_files,
+    results_header,
+    save_results,
     verdict,
-    write_results,
 )
 from .scoring import score, windows
 
@@ -324,28 +322,16 @@ def run_eval(
     }  # fmt: skip
     if compile:
         method["decode"] = "compiled step (torch.compile, fixed shapes); prefill eager"
-    header = {
-        "schema_version": SCHEMA_VERSION,
-        "task": "causal-lm",
-        "model": {
-            "id": model_id,
-            "commit": folder.name if len(folder.name) == 40 else None,
-            "family": family.name,
-        },
-        "dataset": {"name": text.name, "sha256": text.sha256, "chars": len(text.text)},
-        "method": method,
-        "environment": {**_environment(dev), **_placement(base)},
-        "budget": {"max_kld": max_kld, "min_top1": min_top1},
-    }
+    header = results_header(
+        task="causal-lm", model_id=model_id, folder=folder, family=family.name, text=text, method=method,
+        environment={**_environment(dev), **_placement(base)}, budget={"max_kld": max_kld, "min_top1": min_top1},
+    )  # fmt: skip
     results_path = out_path / "results.json"
     rows = _resume(results_path, header, force)
     done = {r.variant for r in rows}
 
     def save() -> dict[str, Any]:
-        results = {**header, "rows": [asdict(r) for r in rows], "verdict": verdict(rows, max_kld, min_top1)}
-        results["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        write_results(results_path, results)
-        return results
+        return save_results(results_path, header, rows, verdict(rows, max_kld, min_top1))
 
     print(f"hubquant eval {model_id}: {len(wins)} windows of {ctx} tokens ({ppl_method}), {scored} tokens scored; "
           f"{text.name} sha256 {text.sha256[:12]}; {dtype} on {dev}; BOS {bos_note}")  # fmt: skip

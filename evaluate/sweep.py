@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +134,7 @@ def _cuda_available() -> bool:
 def _merge(model_out: Path, task_results: list[dict[str, Any]], variants: list[str]) -> dict[str, Any] | None:
     """Rows of the finished tasks (and of earlier runs) into OUT/<model>/results.json, in the sweep's
     variant order, with the verdict and the reports, written atomically by this one process."""
-    from .results import Row, read_results, rows_of, verdict, write_results
+    from .results import Row, read_results, rows_of, save_results, verdict
     from .run import _write_reports
 
     path = model_out / "results.json"
@@ -162,9 +160,7 @@ def _merge(model_out: Path, task_results: list[dict[str, Any]], variants: list[s
         judged = verdict(ordered, min_cosine=budget["min_cosine"])
     else:
         judged = verdict(ordered, budget.get("max_kld", 0.05), budget.get("min_top1", 0.9))
-    merged = {**header, "rows": [asdict(r) for r in ordered], "verdict": judged}
-    merged["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    write_results(path, merged)
+    merged = save_results(path, header, ordered, judged)
     _write_reports(merged, model_out)
     return merged
 

@@ -330,13 +330,7 @@ def _staging(out: Path, force: bool) -> Iterator[Path]:
     """
     from hubquant.locks import out_lock
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise HubquantError(
-            f"cannot create {out.parent}: {error.strerror or error}; pick another --out"
-        ) from None
-    with out_lock(out):
+    with out_lock(out):  # creates OUT's parent folder, with the one-line error when it cannot
         try:
             clear_debris(out)
         except OSError as error:

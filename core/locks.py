@@ -113,15 +113,15 @@ def out_lock(out: str | Path) -> Iterator[Path]:
     """
     out = Path(out).expanduser().absolute()
     path = lock_path(out)
-    if fcntl is None:
-        yield path
-        return
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise HubquantError(
             f"cannot create {out.parent}: {error.strerror or error}; pick another --out"
         ) from None
+    if fcntl is None:
+        yield path
+        return
     fd = _open_locked(out, path)
     if fd is None:
         yield path

@@ -159,6 +159,11 @@ class FusedModule:
         )
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # Outside the module tree, so model.eval()/.train() never reach it: follow the parts' mode
+        # (bitsandbytes' Linear4bit picks its CPU kernel by it).
+        training = self.parts[0].training
+        if self.module.training != training and not torch.compiler.is_compiling():
+            self.module.train(training)
         return list(self.module(x).split(self.sizes, dim=-1))
 
 

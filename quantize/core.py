@@ -76,8 +76,14 @@ def _has(module: nn.Module, path: str) -> bool:
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in place of `name`, in the mode (train/eval) of the module it replaces: a new
+    module starts in training mode, and bitsandbytes' Linear4bit runs another kernel in training
+    mode (on CPUs with AVX512-BF16) than the one a loaded, eval-mode model runs."""
     parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, leaf, None)
+    module.train(old.training if isinstance(old, nn.Module) else model.training)
+    setattr(owner, leaf, module)
 
 
 def _library_version(library: str) -> str:
@@ -167,7 +173,7 @@ def quantize(
                 )
             module, record = _quantize_one(method, _Target(HEAD, model.lm_head), runtime=True)
             if module is not None:
-                model.lm_head = module
+                _set(model, HEAD, module)
             report.layers.append(record)
     model.quant_report = report
     fuse_projections(model, method.fuse)

@@ -17,7 +17,9 @@ does not pay for it.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ NESTED_BLOCK_SIZE = 256  # double quantisation: one fp32 scale per 256 of the 8-
 # transformers included) repacks the weight 32 output rows at a time and asserts the row count.
 PACK_ROWS = 32
 QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
+_ABSENT = object()
 # Everything bitsandbytes saves for one 4-bit weight (QuantState.as_dict(packed=True) plus the codes).
 _WEIGHT_KEYS = (
     "weight",
@@ -44,9 +47,36 @@ _WEIGHT_KEYS = (
 )
 
 
-def _bnb() -> Any:
-    import bitsandbytes
+class _DropKernelFetchWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
 
+
+def _bnb() -> Any:
+    """bitsandbytes, imported without its Hub kernel fetch.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes 0.50 asks the `kernels` package (a
+    transformers dependency) for a CPU kernel from the Hub: a download when online, a hang where the
+    network is down but offline mode is not set, a warning otherwise. hubquant runs the kernel
+    bitsandbytes ships instead (its fallback), so results never depend on the network, and no
+    request is made: `kernels` is hidden while bitsandbytes is imported, and the warning that says
+    it is missing is dropped.
+    """
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    hidden = sys.modules.get("kernels", _ABSENT)
+    sys.modules["kernels"] = None  # type: ignore[assignment]  # `import kernels` raises ImportError
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    drop = _DropKernelFetchWarning()
+    log.addFilter(drop)
+    try:
+        import bitsandbytes
+    finally:
+        log.removeFilter(drop)
+        if hidden is _ABSENT:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = hidden
     return bitsandbytes
 
 

@@ -7,9 +7,11 @@ weight, a bias, an offset or an xIELU parameter produces different logits and fa
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import bnb_cpu_path  # noqa: F401  (before anything imports bitsandbytes: HUBQUANT_TEST_BNB_AVX512BF16)
 import pytest
 import torch
 
@@ -149,6 +151,21 @@ def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except (ImportError, HubquantError) as error:
         pytest.skip(f"the embedded SmolLM2 GGUF is not available: {error}")
     return default_model(tmp_path_factory.mktemp("hubquant-cache"))
+
+
+def with_cpu_path(script: str) -> str:
+    """`script` preceded by bnb_cpu_path.py, so that a child process (`python -I -c`, without the
+    tests on its path) runs the same bitsandbytes CPU path as this one."""
+    return Path(bnb_cpu_path.__file__).read_text() + "\n" + textwrap.dedent(script)
+
+
+def packed_nf4_kernel() -> bool:
+    """Whether bitsandbytes runs its AVX512-BF16 CPU kernel for nf4 in this process (the CPU has
+    it, and `HUBQUANT_TEST_BNB_AVX512BF16=0` did not turn it off): repacked weights, block scales
+    rounded to bf16, its own bf16 dot products."""
+    import bitsandbytes
+
+    return bool(bitsandbytes.functional.has_avx512bf16())
 
 
 def sample_ids(batch: int = 2, seq: int = 24, seed: int = 1) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, sample_ids
+from conftest import CASES, packed_nf4_kernel, sample_ids
 
 import hubquant
 from hubquant.models.decoder import FusedView, fuse_projections, unfuse_views
@@ -96,7 +96,10 @@ def test_fused_quantized_equals_separate(method, wide_checkpoint, monkeypatch):
     fused_model, _ = hubquant.load(wide_checkpoint, dtype="bf16", progress=False)
     hubquant.quantize(fused_model, method, progress=False)
     fused = [m.__dict__.get("_fused") for m in fused_model.modules()]
-    assert sum(f is not None for f in fused) == 2 * fused_model.config.num_layers, f"{method}: not all fused"
+    # Where bitsandbytes runs its AVX512-BF16 kernel, each Linear4bit repacks itself on its first
+    # call (the layout transformers runs too), and nf4 stays one product per projection.
+    groups = 0 if method == "nf4" and packed_nf4_kernel() else 2 * fused_model.config.num_layers
+    assert sum(f is not None for f in fused) == groups, f"{method}: not all fused"
     separate_model, _ = hubquant.load(wide_checkpoint, dtype="bf16", progress=False)
     monkeypatch.setattr(type(get_method(method)), "fuse", lambda self, modules: None)
     hubquant.quantize(separate_model, method, progress=False)

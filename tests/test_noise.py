@@ -169,6 +169,21 @@ def test_quantize_prints_no_library_chatter(tiny, tmp_path):
     assert f"wrote {out}" in result.stdout and (out / "config.json").is_file()
 
 
+def test_nf4_asks_no_hub_for_a_kernel(tiny, tmp_path):
+    """bitsandbytes, imported on a CPU with AVX512-BF16, asks the `kernels` package for a CPU kernel
+    from the Hub (a request, and a warning when it fails). hubquant imports it without: no request,
+    no line, the kernel bitsandbytes ships. (Without AVX512-BF16 bitsandbytes never asks.)"""
+    out = tmp_path / "nf4"
+    watch = "import atexit\natexit.register(lambda: print('kernels imported:', 'kernels' in sys.modules))\n"
+    result = run_cli(
+        ["quantize", str(tiny), "--method", "nf4", "--out", str(out)], tmp_path / "home", before=watch
+    )
+    assert result.returncode == 0, result.stderr
+    assert chatter(result.stderr) == [], result.stderr
+    assert "kernels imported: False" in result.stdout, result.stdout
+    assert (out / "config.json").is_file()
+
+
 # Make `generate` noisy the way libraries are: each logs through its own logger (huggingface_hub
 # and torch with the handlers they install on import), and python warnings.
 NOISY = """

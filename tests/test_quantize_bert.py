@@ -52,13 +52,12 @@ import importlib.util
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import BERT_BASE, VOCAB, minilm_folder, perturb_, write_wordpiece_tokenizer
+from conftest import BERT_BASE, VOCAB, minilm_folder, perturb_, with_cpu_path, write_wordpiece_tokenizer
 from safetensors import safe_open
 from torch import nn
 
@@ -460,7 +459,7 @@ def transformers_outputs(saved, tmp_path_factory) -> dict[str, dict[str, Any]]:
     (tmp / "folders.json").write_text(json.dumps(folders))
     args = [str(tmp / "inputs.pt"), str(tmp / "folders.json"), str(tmp / "hf.pt")]
     run = subprocess.run(
-        [sys.executable, "-I", "-c", textwrap.dedent(_HF_SCRIPT), *args],
+        [sys.executable, "-I", "-c", with_cpu_path(_HF_SCRIPT), *args],
         capture_output=True,
         text=True,
         cwd=tmp,

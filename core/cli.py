@@ -204,7 +204,14 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 def _cmd_push(args: argparse.Namespace) -> None:
     from hubquant.quantize.push import push
 
-    url = push(args.folder, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    url = push(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        dry_run=args.dry_run,
+        results=args.results,
+    )
     if not args.dry_run:
         print(f"pushed {args.folder} to {args.repo_id}: {url}")
 
@@ -328,12 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--private", action="store_true", help="create the repo private")
     up.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
     up.add_argument("--dry-run", action="store_true", help="print the files and the card; contact nothing")
+    up.add_argument(
+        "--results",
+        default=None,
+        metavar="PATH",
+        help="results.json of `hubquant eval` whose figures for this variant (and the base's) go into the "
+        "card (default: OUT/results.json when the folder is OUT/variants/NAME)",
+    )
     up.set_defaults(func=_cmd_push)
 
     sw = sub.add_parser("sweep", help="models x variants from a YAML file, one Ray task each, one report")
     sw.add_argument("spec", help="the sweep file (models, variants, dataset, eval settings)")
     sw.add_argument(
-        "--address", default=None, help="a Ray cluster (ray://HOST:10001 or auto); default: this machine"
+        "--address",
+        default=None,
+        help="a Ray cluster: HEAD:6379 from a machine of the cluster, ray://HEAD:10001 from anywhere; default: a private Ray on this machine",
     )
     sw.add_argument(
         "--out", default=None, help="results folder (default: the file's out, else results/sweep)"

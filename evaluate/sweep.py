@@ -16,14 +16,24 @@ variant) already there with the same settings, as `hubquant eval` does; a failed
 with its one-line error and the others go on. At the end every model's results are merged into one
 side-by-side report (`hubquant report`): OUT/report.html and OUT/report.csv.
 
-Without `--address`, Ray starts on this machine (`ray.init()`), so the command works anywhere.
-Ray is an optional extra: `pip install hubquant[scale]`.
+Without `--address`, a private Ray starts on this machine (`ray.init(address="local")`) and stops
+at the end, so the command works anywhere; it never joins a cluster it finds (RAY_ADDRESS, or the
+note /tmp/ray/ray_current_cluster that an unstopped `ray start` leaves). `--address HEAD:6379` joins
+a cluster from one of its machines (the GCS address `ray start --head` prints), `--address
+ray://HEAD:10001` from anywhere (Ray Client). An address that does not answer is a one-line error
+within 30 s (HUBQUANT_RAY_CONNECT_TIMEOUT, in seconds, changes that). Ray is an optional extra:
+`pip install 'hubquant[scale]'` (ray[client]).
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import logging
+import os
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +42,9 @@ from hubquant.errors import HubquantError
 SPEC_KEYS = ("models", "variants", "dataset", "eval", "out")
 # `run_eval` settings a sweep file may give under `eval:` (everything but where and what).
 _NOT_SETTINGS = {"model_source", "variants", "dataset", "out", "force", "progress", "revision"}
+CONNECT_TIMEOUT_ENV = "HUBQUANT_RAY_CONNECT_TIMEOUT"
+CONNECT_TIMEOUT_S = 30.0  # the default; CONNECT_TIMEOUT_ENV overrides it (seconds)
+GCS_PORT, CLIENT_PORT = 6379, 10001  # Ray's defaults for `ray start --head`
 
 
 def _eval_settings() -> set[str]:
@@ -176,7 +189,10 @@ def run_sweep(
 
     Args:
         spec_path: the YAML file.
-        address: a Ray cluster ("ray://host:10001" or "auto"); None: Ray on this machine.
+        address: a Ray cluster: "HEAD:6379" (its GCS, from a machine of the cluster),
+            "ray://HEAD:10001" (Ray Client, from anywhere) or "auto" (RAY_ADDRESS, else the cluster
+            `ray start` noted on this machine); None or "local": a private Ray on this machine.
+            Used as it is when Ray is already initialized in this process.
         out: the results folder (default: the file's `out`, else results/sweep).
     """
     spec = read_spec(spec_path)
@@ -197,31 +213,12 @@ def run_sweep(
     failures: list[dict[str, str]] = []
     finished: dict[str, list[dict[str, Any]]] = {}
     if todo:
-        ray = _ray(address)
-        remote = ray.remote(_task)
-        pending = {}
-        for model, variant in todo:
-            task_out = root / model_folder_name(model) / "tasks" / variant
-            options = _resources(model, spec["eval"])
-            ref = remote.options(**options).remote(
-                model, variant, spec["dataset"], spec["eval"], str(task_out)
-            )
-            pending[ref] = (model, variant)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            model, variant = pending.pop(ready[0])
-            answer = ray.get(ready[0])
-            if answer["ok"]:
-                finished.setdefault(model, []).append(answer["results"])
-                try:
-                    _merge(root / model_folder_name(model), finished[model], spec["variants"])
-                    print(f"{model} {variant}: done")
-                    continue
-                except HubquantError as error:
-                    finished[model].pop()
-                    answer = {"ok": False, "error": str(error)}
-            failures.append({"model": model, "variant": variant, "error": answer["error"]})
-            print(f"{model} {variant}: error: {answer['error']}")
+        ray, started = _ray(address)
+        try:
+            _run_tasks(ray, todo, spec, root, finished, failures)
+        finally:
+            if started:
+                ray.shutdown()
     result_files = [
         root / model_folder_name(m) / "results.json"
         for m in spec["models"]
@@ -246,14 +243,186 @@ def run_sweep(
     return summary
 
 
-def _ray(address: str | None) -> Any:
+def _run_tasks(
+    ray: Any,
+    todo: list[tuple[str, str]],
+    spec: dict[str, Any],
+    root: Path,
+    finished: dict[str, list[dict[str, Any]]],
+    failures: list[dict[str, str]],
+) -> None:
+    """Submit every (model, variant) of `todo` and merge each answer as it comes back."""
+    remote = ray.remote(_task)
+    pending = {}
+    for model, variant in todo:
+        task_out = root / model_folder_name(model) / "tasks" / variant
+        options = _resources(model, spec["eval"])
+        ref = remote.options(**options).remote(model, variant, spec["dataset"], spec["eval"], str(task_out))
+        pending[ref] = (model, variant)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        model, variant = pending.pop(ready[0])
+        answer = ray.get(ready[0])
+        if answer["ok"]:
+            finished.setdefault(model, []).append(answer["results"])
+            try:
+                _merge(root / model_folder_name(model), finished[model], spec["variants"])
+                print(f"{model} {variant}: done")
+                continue
+            except HubquantError as error:
+                finished[model].pop()
+                answer = {"ok": False, "error": str(error)}
+        failures.append({"model": model, "variant": variant, "error": answer["error"]})
+        print(f"{model} {variant}: error: {answer['error']}")
+
+
+def _ray(address: str | None) -> tuple[Any, bool]:
+    """Ray, ready: (the module, whether this call started or joined it, so the caller shuts it
+    down). An already initialized Ray (the caller's own `ray.init`) is used as it is.
+
+    Without an address Ray starts privately on this machine (`address="local"`): neither
+    RAY_ADDRESS nor the note of an earlier `ray start` (/tmp/ray/ray_current_cluster) is followed,
+    so a stale note cannot make the sweep join, or wait for, a cluster that is gone. With one, an
+    unreachable cluster is a one-line error within the connect timeout (see `_connect`)."""
     try:
         import ray
     except ImportError:
         raise HubquantError("hubquant sweep needs Ray: pip install 'hubquant[scale]'") from None
-    if not ray.is_initialized():
-        if address:
+    if ray.is_initialized():
+        return ray, False
+    if not address or address == "local":
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    else:
+        _connect(ray, address)
+    return ray, True
+
+
+def _connect_timeout() -> float:
+    text = os.environ.get(CONNECT_TIMEOUT_ENV, "")
+    if not text:
+        return CONNECT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise HubquantError(f"{CONNECT_TIMEOUT_ENV}={text!r}: give the seconds, e.g. 30")
+    return value
+
+
+def _host_port(address: str) -> tuple[str, str, int] | None:
+    """`address` as Ray will be given it, with its host and port; None for addresses that only
+    Ray resolves ("auto", other schemes)."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    elif scheme != "ray":
+        return None
+    if rest == "auto" or not rest:
+        return None
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not colon or "]" in port:  # no port given: Ray's default for the form
+        host, port = rest.rstrip("/"), str(CLIENT_PORT if scheme else GCS_PORT)
+    if not port.isdigit() or not host:
+        raise HubquantError(
+            f"--address {address!r} is not HOST:PORT; give HEAD:{GCS_PORT} (on a machine of the "
+            f"cluster) or ray://HEAD:{CLIENT_PORT} (from anywhere)"
+        )
+    full = f"{scheme}://{host}:{port}" if scheme else f"{host}:{port}"
+    return full, host.strip("[]"), int(port)
+
+
+def _connect(ray: Any, address: str) -> None:
+    """`ray.init(address)` that gives up in bounded time with one line: a TCP probe of the address
+    first (a dead port or host answers at once, a silent one within the probe's timeout), then
+    `ray.init` under a watchdog, since Ray itself retries an unreachable GCS for many minutes."""
+    timeout = _connect_timeout()
+    deadline = time.monotonic() + timeout
+    fix = (
+        "start it (`ray start --head`) and open its port, give HEAD:6379 on a machine of the cluster "
+        "or ray://HEAD:10001 from elsewhere, or leave out --address to run on this machine"
+    )
+    target = _host_port(address)
+    if target is not None:
+        address, host, port = target
+        if address.startswith("ray://"):
+            from importlib.util import find_spec
+
+            if find_spec("grpc") is None:
+                raise HubquantError(
+                    f"--address {address} needs Ray Client: pip install 'hubquant[scale]' "
+                    "(which installs ray[client])"
+                )
+        try:
+            socket.create_connection((host, port), timeout=min(timeout, 10.0)).close()
+        except OSError as error:
+            reason = error.strerror or str(error) or type(error).__name__
+            if isinstance(error, socket.timeout):
+                reason = "no answer"
+            raise HubquantError(f"cannot reach the Ray cluster at {address} ({reason}); {fix}") from None
+    done: dict[str, BaseException | None] = {}
+
+    def init() -> None:
+        try:
             ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False)
-    return ray
+            done["error"] = None
+        except BaseException as error:  # handed to the waiting thread
+            done["error"] = error
+
+    watch = _ConnectWatch()
+    loggers = [logging.getLogger(name) for name in ("ray._private.worker", "ray.util.client.worker")]
+    levels = [logger.level for logger in loggers]
+    loggers[1].setLevel(logging.DEBUG)  # Ray Client says why a ping failed at DEBUG only
+    for logger in loggers:
+        logger.addFilter(watch)
+    try:
+        thread = threading.Thread(target=init, name="hubquant-ray-connect", daemon=True)
+        thread.start()
+        while "error" not in done and not watch.refused and time.monotonic() < deadline:
+            thread.join(min(0.25, max(deadline - time.monotonic(), 0.0)))
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeFilter(watch)
+            logger.setLevel(level)
+    error = done.get("error")
+    chain, seen = [], error
+    while seen is not None and len(chain) < 10:
+        chain.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    if watch.refused or any("AuthenticationError" in text or "InvalidAuthToken" in text for text in chain):
+        raise HubquantError(
+            f"the Ray cluster at {address} uses token authentication and refused this machine's "
+            "token (or its lack of one): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
+            "cluster's token (`ray get-auth-token` on the head prints it)"
+        )
+    if "error" not in done:
+        raise HubquantError(
+            f"no answer from the Ray cluster at {address} within {timeout:g} s "
+            f"({CONNECT_TIMEOUT_ENV} sets the limit); {fix}"
+        )
+    if error is None:
+        return
+    text = str(error).strip()
+    if "ray[client]" in text:
+        raise HubquantError(
+            f"--address {address} needs Ray Client: pip install 'hubquant[scale]' (which installs ray[client])"
+        )
+    first = text.splitlines()[0].rstrip(". ") if text else type(error).__name__
+    raise HubquantError(f"cannot connect to the Ray cluster at {address}: {first}; {fix}")
+
+
+class _ConnectWatch(logging.Filter):
+    """On Ray's loggers while `_connect` waits: notes a Ray Client ping refused for its token (Ray
+    retries those until its own timeout, saying why at DEBUG only) and drops Ray's DEBUG lines and
+    its note that a driver started outside the main thread sets no SIGTERM handler (that handler
+    only makes SIGTERM run atexit; a driver joining a cluster owns no processes to stop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Received when checking init:" in message and "authentication token" in message.lower():
+            self.refused = True
+        return record.levelno > logging.DEBUG and "SIGTERM handler is not set" not in message

@@ -251,12 +251,12 @@ def _unreachable(repo: str, failure: BaseException) -> HubquantError:
     else:
         reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
     return HubquantError(
-        f"cannot reach the Hub at {_endpoint()} to fetch {repo} ({reason}); "
+        f"cannot reach the Hub at {hub_endpoint()} to fetch {repo} ({reason}); "
         "check the network, or set HF_HUB_OFFLINE=1 to use the cache"
     )
 
 
-def _endpoint() -> str:
+def hub_endpoint() -> str:
     """The Hub endpoint huggingface_hub talks to (HF_ENDPOINT), without any user:password@."""
     from urllib.parse import urlsplit
 
@@ -294,6 +294,18 @@ def _raised_by_http_client(error: BaseException) -> bool:
     while tb is not None:
         module, tb = str(tb.tb_frame.f_globals.get("__name__", "")), tb.tb_next
     return module.partition(".")[0] in _HTTP_CLIENTS
+
+
+def transport_failure(error: BaseException) -> BaseException | None:
+    """The failure to reach the Hub at all (no HTTP answer: DNS, refused or reset connection,
+    timeout, proxy, TLS) down `error`'s chain of causes, or None. HTTP answers (401, 404, 5xx...),
+    HF_HUB_OFFLINE and cache misses are not such failures. The one test of "no connection" that
+    downloads (`_hub_errors`) and `hubquant push` share.
+
+    Args:
+        error: what a huggingface_hub call raised.
+    """
+    return _in_chain(error, _is_transport_failure)
 
 
 def _is_transport_failure(error: BaseException) -> bool:
@@ -352,7 +364,7 @@ class _hub_errors:
                 raise _not_cached(repo) from error
         # No answer from the Hub (DNS, refused, timeout, proxy...), raised as is or as the cause of
         # a LocalEntryNotFoundError when nothing is cached.
-        failure = _in_chain(error, _is_transport_failure)
+        failure = transport_failure(error)
         if failure is not None:
             raise _unreachable(repo, failure) from error
         # An HTTP error answer (a 5xx after the retries), as is or behind a cache miss.

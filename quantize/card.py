@@ -5,6 +5,11 @@ is escaped for Markdown and HTML unless it was built here as safe (the YAML fron
 `yaml.safe_dump` quotes, and table rows, escaped cell by cell), so a model name holding quotes,
 colons, pipes or `<script>` can neither break the YAML nor inject markup.
 
+Given a `hubquant eval` results.json and the variant's row name, the card has an Evaluation
+section (how the figures were measured, the verdict, a table of the variant beside the base) and
+the same figures as the Hub's `model-index` metadata. `add_evaluation` puts them into a card
+written without them (what `push` uploads), rendering the template's `evaluation` block alone.
+
 This module imports neither torch nor huggingface_hub at import time: `hubquant push --dry-run`
 and the CLI's report summary use it without them. (The Hub is only asked for the base model's
 README, to carry its license over, when the source folder does not have it.)
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import shlex
 from collections import Counter
@@ -83,13 +89,107 @@ _METHODS: dict[str, _MethodText] = {
     ),
 }
 
-# results.json columns the card knows, in order: key -> (title, format).
-_RESULT_COLUMNS: dict[str, tuple[str, str]] = {
-    "variant": ("variant", "text"),
-    "ppl": ("perplexity", "float"),
-    "kld_mean": ("mean KL divergence to the base model", "float"),
-    "top1_agreement": ("top-1 agreement with the base model", "fraction"),
-    "decode_tok_s": ("decode, tok/s", "rate"),
+
+# What the card shows of a hubquant results.json, for each kind of run (its `task`): the evaluation
+# table's columns, and the metrics of the Hub metadata (`model-index`). The labels are kept here:
+# this module does not import hubquant.evaluate.
+@dataclass(frozen=True)
+class _Column:
+    key: str  # the row's field
+    title: str  # "{k}" is the neighbours counted (an embedder's nn_k)
+    kind: str  # "text", "float", "fraction", "rate" or "bytes"
+    spread: str | None = None  # the field of its standard error (or deviation), shown as ±
+
+
+@dataclass(frozen=True)
+class _Metric:
+    key: str  # the row's field
+    type: str  # the Hub's metric type
+    name: str
+    against_base: bool = False  # it compares with the base: the base's own value (0, 1) says nothing
+    spread: str | None = None  # the field of its standard error (or deviation), under `args`
+    spread_name: str = "stderr"
+
+
+_SIZE_COLUMNS = (
+    _Column("disk_bytes", "on disk", "bytes"),
+    _Column("weight_bytes", "weights in memory", "bytes"),
+)
+_COLUMNS: dict[str, tuple[_Column, ...]] = {
+    "causal-lm": (
+        _Column("variant", "variant", "text"),
+        _Column("ppl", "perplexity", "float", "ppl_err"),
+        _Column("kld_mean", "mean KL divergence to the base model", "float", "kld_err"),
+        _Column("top1_agreement", "top-1 agreement with the base model", "fraction"),
+        _Column("decode_tok_s", "decode, tok/s", "rate", "decode_sd"),
+        *_SIZE_COLUMNS,
+    ),
+    "masked-lm": (
+        _Column("variant", "variant", "text"),
+        _Column("pppl", "pseudo-perplexity", "float", "pppl_err"),
+        _Column("kld_mean", "mean KL divergence to the base model (masked tokens)", "float", "kld_err"),
+        _Column("top1_agreement", "top-1 agreement with the base model (masked tokens)", "fraction"),
+        _Column("encode_seq_s", "encode, sequences/s", "rate", "encode_sd"),
+        *_SIZE_COLUMNS,
+    ),
+    "embedding": (
+        _Column("variant", "variant", "text"),
+        _Column("cos_mean", "mean cosine to the base's vectors", "float"),
+        _Column("cos_min", "least cosine to the base's vectors", "float"),
+        _Column("nn_agreement", "NN@{k} agreement with the base model", "fraction"),
+        _Column("encode_seq_s", "encode, sequences/s", "rate", "encode_sd"),
+        *_SIZE_COLUMNS,
+    ),
+}
+_KLD = "Mean KL divergence to the base model{}, nats/token"
+_ENCODE = _Metric(
+    "encode_seq_s", "encode_sequences_per_second", "Encode speed, sequences/s", False, "encode_sd", "sd"
+)
+_DISK = _Metric("disk_bytes", "disk_bytes", "Checkpoint size on disk, bytes")
+_METRICS: dict[str, tuple[_Metric, ...]] = {
+    "causal-lm": (
+        _Metric("ppl", "perplexity", "Perplexity", spread="ppl_err"),
+        _Metric("kld_mean", "kl_divergence", _KLD.format(""), True, "kld_err"),
+        _Metric("top1_agreement", "top1_agreement", "Top-1 agreement with the base model", True),
+        _Metric(
+            "decode_tok_s", "decode_tokens_per_second", "Decode speed, tokens/s", False, "decode_sd", "sd"
+        ),
+        _DISK,
+    ),
+    "masked-lm": (
+        _Metric("pppl", "pseudo_perplexity", "Pseudo-perplexity", spread="pppl_err"),
+        _Metric("kld_mean", "kl_divergence", _KLD.format(" on masked tokens"), True, "kld_err"),
+        _Metric(
+            "top1_agreement", "top1_agreement", "Top-1 agreement with the base model on masked tokens", True
+        ),
+        _ENCODE,
+        _DISK,
+    ),
+    "embedding": (
+        _Metric("cos_mean", "cosine_similarity", "Mean cosine to the base model's sentence vectors", True),
+        _Metric(
+            "cos_min", "cosine_similarity_min", "Least cosine to the base model's sentence vectors", True
+        ),
+        _Metric("nn_agreement", "nn_agreement", "NN@{k} agreement with the base model", True),
+        _ENCODE,
+        _DISK,
+    ),
+}
+# The Hub's task for each kind of run; the method's settings that go with a (pseudo-)perplexity
+# into its metric's `args`; the Hub dataset each named evaluation text comes from.
+_HUB_TASKS = {"causal-lm": "text-generation", "masked-lm": "fill-mask", "embedding": "feature-extraction"}
+_PPL_ARGS = (
+    "ppl_method",
+    "ctx",
+    "stride",
+    "windows",
+    "tokens_scored",
+    "mask_rate",
+    "mask_seed",
+    "tokens_masked",
+)
+_HUB_DATASETS = {
+    "wikitext2": {"type": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "test"},
 }
 
 _LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -301,34 +401,255 @@ def _base_dtype(folder: Path | None, base_config: Mapping[str, Any]) -> str:
     return str(value).removeprefix("torch.") if value else "the base dtype"
 
 
+def _number(value: Any) -> int | float | None:
+    """`value` when it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
 def _format_result(value: Any, kind: str) -> str:
     if value is None:
         return "-"
-    if kind == "text" or isinstance(value, bool) or not isinstance(value, (int, float)):
+    if kind == "text" or _number(value) is None:
         return str(value)
     if kind == "fraction" and 0 <= value <= 1:
         return f"{100 * value:.2f}%"
     if kind == "rate":
         return f"{value:.1f}"
+    if kind == "bytes":
+        return human_bytes(int(value))
     return f"{value:.4g}"
 
 
-def _evaluation(results: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The evaluation table from a hubquant results.json: the known columns that any row has."""
+def _cell(row: Mapping[str, Any], column: _Column) -> str:
+    text = _format_result(row.get(column.key), column.kind)
+    spread = _number(row.get(column.spread)) if column.spread else None
+    if spread is not None and _number(row.get(column.key)) is not None:
+        text += " ± " + (f"{spread:.1f}" if column.kind == "rate" else f"{spread:.2g}")
+    return text
+
+
+def _task_of(results: Mapping[str, Any]) -> str:
+    """The kind of run: "causal-lm" (also files without the marker), "masked-lm" or "embedding"."""
+    task = results.get("task")
+    return task if isinstance(task, str) and task in _COLUMNS else "causal-lm"
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def result_rows(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The rows of a results.json that name their variant.
+
+    Args:
+        results: a hubquant results.json as a dict.
+    """
+    rows = results.get("rows")
+    return [
+        row
+        for row in (rows if isinstance(rows, list) else [])
+        if isinstance(row, Mapping) and isinstance(row.get("variant"), str)
+    ]
+
+
+def variant_row(results: Mapping[str, Any], names: list[str]) -> Mapping[str, Any] | None:
+    """The row of the first of `names` that a results.json has a row for, or None.
+
+    Args:
+        results: a hubquant results.json as a dict.
+        names: the variant's names to look for, in order (the base is a variant too).
+    """
+    rows = {row["variant"]: row for row in result_rows(results)}
+    return next((rows[name] for name in names if name in rows), None)
+
+
+def _base_label(row: Mapping[str, Any]) -> str:
+    dtype = _mapping(row.get("method_settings")).get("dtype")
+    return f"base model, {dtype}" if isinstance(dtype, str) else "base model"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+_PPL_METHODS = {
+    "chunks": "llama.cpp's chunks (the second half of each window scored)",
+    "sliding": "sliding windows (the transformers guide's)",
+}
+
+
+def _notes(results: Mapping[str, Any], task: str) -> list[str]:
+    """How the figures were measured, in sentences: the run, the text and its hash, the method,
+    the speed runs and the run's verdict. (An older, hand-made `method` string is said as is.)"""
+    method = results.get("method")
+    if isinstance(method, str):
+        return [f"Measured by hubquant: {method}."]
+    if not isinstance(method, Mapping):
+        return []
+    notes = []
+    env = _mapping(results.get("environment"))
+    model = _mapping(results.get("model")).get("id")
+    run = "Measured by hubquant eval" + (f" (hubquant {env['hubquant']})" if env.get("hubquant") else "")
+    if isinstance(model, str) and model:
+        run += f" of {_base_identity(model)[1]}"  # a local path is named by its last part only
+    if env.get("device"):
+        where = [str(env[key]) for key in ("device_name",) if env.get(key)]
+        where += [f"{env['threads']} threads"] if env.get("threads") else []
+        where += [f"{lib} {env[lib]}" for lib in ("torch", "torchao", "bitsandbytes") if env.get(lib)]
+        run += f" on {env['device']}" + (f" ({', '.join(where)})" if where else "")
+    notes.append(run + (f", {results['created']}." if results.get("created") else "."))
+    dataset = _mapping(results.get("dataset"))
+    if dataset.get("name"):
+        text = f"Text: {dataset['name']}"
+        text += f", {_count(dataset['chars'])} characters" if dataset.get("chars") is not None else ""
+        notes.append(text + (f", sha256 {dataset['sha256']}." if dataset.get("sha256") else "."))
+    get = method.get
+    if task == "causal-lm":
+        how = f"Perplexity: {_PPL_METHODS.get(str(get('ppl_method')), get('ppl_method') or 'windows')}"
+        if get("windows") is not None and get("ctx") is not None:
+            how += f", {_count(get('windows'))} windows of {_count(get('ctx'))} tokens"
+        how += f", stride {_count(get('stride'))}" if get("stride") is not None else ""
+        how += f", {_count(get('tokens_scored'))} tokens scored" if get("tokens_scored") is not None else ""
+        how += f"; BOS {get('bos')}" if get("bos") else ""
+        how += f"; {get('dtype')} activations" if get("dtype") else ""
+        how += f", log-softmax in {get('log_softmax')}" if get("log_softmax") else ""
+        notes.append(how + "; ± is the standard error.")
+        if get("kld"):
+            notes.append(
+                f"KL divergence: {get('kld')}, nats per token; top-1 agreement: the share of scored "
+                "tokens whose most likely next token is the base model's."
+            )
+        if get("speed_runs"):
+            notes.append(
+                f"Decode: {_count(get('decode_tokens'))} tokens generated, mean ± sd of "
+                f"{_count(get('speed_runs'))} runs" + (f" ({get('decode')})." if get("decode") else ".")
+            )
+    elif task == "masked-lm":
+        how = f"Pseudo-perplexity: {get('pppl_method') or 'masked tokens scored'}"
+        if get("windows") is not None and get("ctx") is not None:
+            how += f"; {_count(get('windows'))} windows of {_count(get('ctx'))} tokens"
+        if get("tokens_masked") is not None:
+            how += f", {_count(get('tokens_masked'))} tokens masked"
+            if _number(get("mask_rate")) is not None:
+                how += f" ({get('mask_rate'):.0%} per window, seed {get('mask_seed')})"
+        how += f"; {get('dtype')} activations" if get("dtype") else ""
+        notes.append(how + "; ± is the standard error.")
+        if get("kld"):
+            notes.append(
+                f"KL divergence: {get('kld')}, nats per token; top-1 agreement over the masked tokens."
+            )
+    else:
+        how = f"Sentences: {_count(get('sentences'))}" if get("sentences") is not None else "Sentences"
+        how += f" ({get('sentence_rule')})" if get("sentence_rule") else ""
+        how += f"; pooling: {get('pooling')}" if get("pooling") else ""
+        how += f"; cosine: {get('cosine')}" if get("cosine") else ""
+        k = get("nn_k") or 10
+        notes.append(
+            how + f"; NN@{k}: the overlap of each sentence's {k} nearest neighbours under the variant "
+            "and under the base model."
+        )
+    if task != "causal-lm" and get("speed_runs"):
+        notes.append(
+            f"Encode: sequences/s at batch {_count(get('encode_batch'))} x {_count(get('encode_length'))} "
+            f"tokens, over {_count(get('speed_runs'))} runs, ± sd."
+        )
+    verdict = _mapping(results.get("verdict")).get("text")
+    if verdict:
+        names = [row["variant"] for row in result_rows(results)]
+        over = f" over {', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else ""
+        notes.append(f"Verdict of the run{over}: {verdict}")
+    return notes
+
+
+def _evaluation(results: Mapping[str, Any] | None, variant: str | None = None) -> dict[str, Any] | None:
+    """The evaluation section's data from a hubquant results.json: how it was measured, and a table
+    of the columns of its kind of run that a shown row has. The rows shown are `variant`'s and the
+    base's when `variant` is given (None when results.json has no row for it), else all."""
     if not results:
         return None
-    rows = [row for row in results.get("rows") or [] if isinstance(row, Mapping)]
+    rows = result_rows(results)
+    if variant is not None:
+        row = variant_row(results, [variant])
+        if row is None:
+            return None
+        rows = [r for r in (variant_row(results, ["base"]), row) if r is not None]
     if not rows:
         return None
-    keys = [key for key in _RESULT_COLUMNS if any(key in row for row in rows)]
-    if not keys:
+    task = _task_of(results)
+    columns = [column for column in _COLUMNS[task] if any(column.key in row for row in rows)]
+    if len(columns) < 2:
         return None
-    method = results.get("method")
+    k = _mapping(results.get("method")).get("nn_k") or 10
+
+    def label(row: Mapping[str, Any]) -> str:
+        dtype = _mapping(row.get("method_settings")).get("dtype")
+        if variant is not None and row["variant"] == variant:
+            return f"{variant} (this model)"
+        if row["variant"] == "base" and isinstance(dtype, str):
+            return f"base ({dtype})"
+        return row["variant"]
+
     return {
-        "method": method if isinstance(method, str) else None,
-        "header": [_RESULT_COLUMNS[key][0] for key in keys],
-        "rows": [[_format_result(row.get(key), _RESULT_COLUMNS[key][1]) for key in keys] for row in rows],
+        "notes": _notes(results, task),
+        "header": [column.title.format(k=k) for column in columns],
+        "rows": [
+            [label(row) if column.key == "variant" else _cell(row, column) for column in columns]
+            for row in rows
+        ],
     }
+
+
+def _model_index(results: Mapping[str, Any], variant: str, name: str) -> list[dict[str, Any]] | None:
+    """The Hub's `model-index` metadata of `variant`: one result (the task, the dataset) whose
+    metrics are the variant's figures and the base's, each named with whose it is, values as in
+    results.json. None when results.json has no row for `variant` or names no dataset."""
+    row = variant_row(results, [variant])
+    dataset = _mapping(results.get("dataset")).get("name")
+    if row is None or not isinstance(dataset, str) or not dataset:
+        return None
+    task = _task_of(results)
+    method = _mapping(results.get("method"))
+    k = method.get("nn_k") or 10
+    metrics = []
+    for whose, current in ((variant, row), (None, variant_row(results, ["base"]))):
+        if current is None:
+            continue
+        for metric in _METRICS[task]:
+            value = _number(current.get(metric.key))
+            if value is None or (whose is None and metric.against_base):
+                continue
+            entry: dict[str, Any] = {
+                "type": metric.type,
+                "value": value,
+                "name": f"{metric.name.format(k=k)} ({whose or _base_label(current)})",
+            }
+            args: dict[str, Any] = {}
+            spread = _number(current.get(metric.spread)) if metric.spread else None
+            if spread is not None:
+                args[metric.spread_name] = spread
+            if metric.key in ("ppl", "pppl"):
+                args.update(
+                    (key, method[key])
+                    for key in _PPL_ARGS
+                    if isinstance(method.get(key), (str, int, float)) and not isinstance(method[key], bool)
+                )
+            if args:
+                entry["args"] = args
+            metrics.append(entry)
+    if not metrics:
+        return None
+    hub_dataset = {"name": dataset, "type": dataset, **_HUB_DATASETS.get(dataset, {})}
+    result = {"task": {"type": _HUB_TASKS[task]}, "dataset": hub_dataset, "metrics": metrics}
+    return [{"name": name, "results": [result]}]
+
+
+def _index_name(repo_id: str | None, base_name: str, variant: str) -> str:
+    """The model's name in `model-index`: the repo's name, else the base's with the variant."""
+    if repo_id and is_repo_id(repo_id):
+        return repo_id.split("/")[-1]
+    return f"{base_name}-{variant}"
 
 
 def _checkpoint_bytes(folder: Path | None) -> int:
@@ -369,6 +690,11 @@ def _environment() -> Any:
     return env
 
 
+def _template() -> Any:
+    text = resources.files(__package__).joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+    return _environment().from_string(text)
+
+
 def render_card(
     *,
     base_model: str,
@@ -378,6 +704,7 @@ def render_card(
     results: Mapping[str, Any] | None = None,
     folder: Path | None = None,
     repo_id: str | None = None,
+    variant: str | None = None,
 ) -> str:
     """The model card of a quantized variant, as text (what `write_card` writes to README.md).
 
@@ -392,6 +719,9 @@ def render_card(
             safetensors files the checkpoint size.
         repo_id: the repo the card goes to, for the loading snippets (default: a placeholder that
             `push` fills in).
+        variant: this variant's row in `results`: then the table shows it beside the base, and
+            its figures and the base's go into the `model-index` metadata (default: every row in
+            the table, no `model-index`).
     """
     from markupsafe import Markup
 
@@ -416,6 +746,14 @@ def render_card(
     meta["tags"] = tags
     pipeline_tag, kept, head = _task(base_config, head_quantized)
     meta["pipeline_tag"] = pipeline_tag
+    model_id = repo_id if repo_id and is_repo_id(repo_id) else None
+    index = (
+        _model_index(results, variant, _index_name(model_id, base_name, variant))
+        if results and variant
+        else None
+    )
+    if index:
+        meta["model-index"] = index
 
     settings_rows = [
         ["method", f"{data['method']}: {method.title}"],
@@ -443,7 +781,6 @@ def render_card(
         base_link = Markup(f"[{md_escape(hub_id)}](https://huggingface.co/{hub_id})")
     else:
         base_link = Markup(f"the local checkpoint {md_escape(base_name)}")
-    model_id = repo_id if repo_id and is_repo_id(repo_id) else None
     model_id_line = (
         f"model_id = {json.dumps(model_id)}"
         if model_id
@@ -465,33 +802,28 @@ def render_card(
         if "`" in reproduce:
             reproduce = None
 
-    template = resources.files(__package__).joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
-    return (
-        _environment()
-        .from_string(template)
-        .render(
-            front_matter=Markup(_yaml(meta)),
-            title=f"{base_name} ({data['method']}, {data['library']})",
-            method={
-                "title": method.title,
-                "about": Markup(method.about),  # constants of this module, written as Markdown
-                "sizes": Markup(method.sizes),
-                "repacks": method.repacks,
-            },
-            base_link=base_link,
-            hubquant_version=__version__,
-            report=data,
-            skipped=[[layer["name"], _shape_text(layer["shape"]), layer["skipped"]] for layer in skipped],
-            kept=kept,
-            base_dtype=_base_dtype(folder, base_config),
-            settings_rows=settings_rows,
-            per_layer=[[text, count] for text, count in sorted(per_layer.items())],
-            size_rows=size_rows,
-            evaluation=_evaluation(results),
-            model_id_line=Markup(model_id_line),
-            pipeline_tag=pipeline_tag,
-            reproduce=Markup(reproduce) if reproduce else None,
-        )
+    return _template().render(
+        front_matter=Markup(_yaml(meta)),
+        title=f"{base_name} ({data['method']}, {data['library']})",
+        method={
+            "title": method.title,
+            "about": Markup(method.about),  # constants of this module, written as Markdown
+            "sizes": Markup(method.sizes),
+            "repacks": method.repacks,
+        },
+        base_link=base_link,
+        hubquant_version=__version__,
+        report=data,
+        skipped=[[layer["name"], _shape_text(layer["shape"]), layer["skipped"]] for layer in skipped],
+        kept=kept,
+        base_dtype=_base_dtype(folder, base_config),
+        settings_rows=settings_rows,
+        per_layer=[[text, count] for text, count in sorted(per_layer.items())],
+        size_rows=size_rows,
+        evaluation=_evaluation(results, variant),
+        model_id_line=Markup(model_id_line),
+        pipeline_tag=pipeline_tag,
+        reproduce=Markup(reproduce) if reproduce else None,
     )
 
 
@@ -540,3 +872,57 @@ def fill_repo_id(card: str, repo_id: str) -> str:
         repo_id: the Hub repo the card goes to.
     """
     return _MODEL_ID_LINE.sub(lambda _: f"model_id = {json.dumps(repo_id)}", card)
+
+
+_FRONT_MATTER_BLOCK = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*(?:\r?\n|\Z)", re.DOTALL | re.MULTILINE)
+_EVALUATION_SECTION = re.compile(r"^## Evaluation[ \t]*\r?\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+_USAGE_HEADING = re.compile(r"^## How to use[ \t]*$", re.MULTILINE)
+
+
+def add_evaluation(card: str, results: Mapping[str, Any], variant: str, *, repo_id: str | None = None) -> str:
+    """The card with the figures of `variant` and of the base from a results.json: its Evaluation
+    section (replacing one already there, else put before "How to use") and its `model-index`
+    metadata, as `render_card(results=..., variant=...)` writes them. The rest of the card, edits
+    included, is kept.
+
+    Args:
+        card: README.md text (written by `write_card`, or edited since).
+        results: a hubquant results.json as a dict.
+        variant: the variant's row in `results`.
+        repo_id: the repo the card goes to, which names the model in `model-index`.
+
+    Raises:
+        ValueError: `results` has no row for `variant`, or the card's YAML front matter is not a
+            mapping.
+    """
+    import yaml
+
+    evaluation = _evaluation(results, variant)
+    if evaluation is None:
+        raise ValueError(f"no figures of {variant} in the results")
+    meta: dict[str, Any] = {}
+    body = card
+    match = _FRONT_MATTER_BLOCK.match(card)
+    if match:
+        try:
+            meta = yaml.safe_load(match.group(1)) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"its YAML front matter cannot be read ({str(error).splitlines()[0]})") from None
+        if not isinstance(meta, dict):
+            raise ValueError("its YAML front matter is not a mapping of keys to values")
+        body = card[match.end() :]
+    meta.pop("model-index", None)
+    base = meta.get("base_model")
+    base_name = base.split("/")[-1] if isinstance(base, str) and base else "model"
+    index = _model_index(results, variant, _index_name(repo_id, base_name, variant))
+    if index:
+        meta["model-index"] = index
+    template = _template()
+    section = "".join(template.blocks["evaluation"](template.new_context({"evaluation": evaluation})))
+    body = _EVALUATION_SECTION.sub("", body, count=1)
+    usage = _USAGE_HEADING.search(body)
+    if usage:
+        body = f"{body[: usage.start()]}{section}\n{body[usage.start() :]}"
+    else:
+        body = f"{body.rstrip()}\n\n{section}"
+    return f"---\n{_yaml(meta)}---\n{body}" if meta else body

@@ -6,6 +6,14 @@ single `create_commit`. (`upload_folder` is not used: with hf_xet installed it s
 into several commits.) The card's loading snippets get the repo id in the copy that is uploaded;
 the local folder is not changed.
 
+A variant that `hubquant eval` made (OUT/variants/NAME, OUT/results.json beside) goes up with its
+figures: the uploaded card gets an Evaluation section with the variant's and the base's figures and
+the `model-index` metadata the Hub reads (`card.add_evaluation`); `results=` names the results.json
+of any other folder. That too is done in the uploaded copy only.
+
+Errors are one line with the fix; "no connection" is recognised as downloads recognise it
+(`hubquant.models.hub.transport_failure`).
+
 The token comes from `HF_TOKEN` or the saved login, resolved by huggingface_hub. It is passed to
 huggingface_hub only: never printed, logged or written, and scrubbed from every error message.
 """
@@ -15,12 +23,26 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubquantError
+from hubquant.models.hub import hub_endpoint, transport_failure
 
-from .card import CARD, REPORT, fill_repo_id, human_bytes, is_repo_id, read_front_matter
+from .card import (
+    CARD,
+    REPORT,
+    add_evaluation,
+    fill_repo_id,
+    human_bytes,
+    is_repo_id,
+    read_front_matter,
+    result_rows,
+    variant_row,
+)
+
+RESULTS = "results.json"
 
 # Never uploaded: hidden files and folders (.git, .cache/huggingface, editor files...).
 IGNORE = (".*", "*/.*")
@@ -92,31 +114,141 @@ def _check_repo_id(repo_id: str) -> None:
         )
 
 
-def _card_bytes(folder: Path, repo_id: str) -> bytes:
-    return fill_repo_id((folder / CARD).read_text(encoding="utf-8"), repo_id).encode("utf-8")
+@dataclass(frozen=True)
+class Figures:
+    """A variant's measurements: the results.json they come from, and the variant's row name."""
+
+    path: Path
+    results: dict[str, Any]
+    variant: str
 
 
-def dry_run_text(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None) -> str:
-    """What `push` would do, as text: the repo, the commit message, every file with its size, and
-    the model card as it would be uploaded. Contacts nothing.
+def _read_results(path: Path) -> dict[str, Any]:
+    from hubquant.evaluate.results import read_results  # the one reader; light (no torch)
+
+    return read_results(path)
+
+
+def _check_row(figures: Figures, folder: Path) -> None:
+    """Refuse a row measured on other settings than the folder's (quantization_report.json)."""
+    report = _read_json(folder / REPORT) if (folder / REPORT).is_file() else {}
+    row = variant_row(figures.results, [figures.variant]) or {}
+    measured = row.get("method_settings")
+    if not report or not isinstance(measured, dict):
+        return
+    method, settings = report.get("method"), report.get("settings") or {}
+    differ = [f"method {measured['method']}"] if measured.get("method") not in (None, method) else []
+    differ += [
+        f"{key}={measured[key]}" for key in settings if key in measured and measured[key] != settings[key]
+    ]
+    if differ:
+        held = ", ".join([f"method {method}", *(f"{key}={value}" for key, value in settings.items())])
+        raise HubquantError(
+            f"{figures.path}'s row {figures.variant} was measured with {', '.join(differ)}, but {folder} holds "
+            f"{held}; pass --results with the results.json of the eval that measured this folder, or rerun "
+            "`hubquant eval` on it"
+        )
+
+
+def find_results(folder: Path, method: str, results: str | Path | None = None) -> Figures | None:
+    """The figures to put in the card of `folder`, a quantized variant.
+
+    With `results`, that results.json's row of the variant: the row named as the folder, else as
+    its method. Without, the figures of a folder `hubquant eval` made: OUT/results.json's row named
+    as the folder, when the folder is OUT/variants/NAME; None when there is no such file or row.
+
+    Args:
+        folder: the quantized folder.
+        method: its quantization method (quantization_report.json's).
+        results: a results.json of `hubquant eval`.
+
+    Raises:
+        HubquantError: one line: `results` cannot be read or has no row for the variant, or the
+            row was measured on other settings than the folder's.
+    """
+    if results is not None:
+        path = Path(results).expanduser()
+        data = _read_results(path)
+        names = [name for name in dict.fromkeys((folder.name, method)) if name != "base"]
+        row = variant_row(data, names)
+        if row is None:
+            rows = ", ".join(r["variant"] for r in result_rows(data)) or "none"
+            raise HubquantError(
+                f"{path} has no row for {' or '.join(names)} (its rows: {rows}); pass --results with the "
+                f"results.json of the `hubquant eval` run that measured this variant (OUT/results.json, "
+                f"beside OUT/variants/{folder.name}), or push without --results"
+            )
+    else:
+        path = folder.parent.parent / RESULTS
+        if folder.parent.name != "variants" or not path.is_file():
+            return None
+        try:
+            data = _read_results(path)
+        except HubquantError:  # not results of this hubquant: then no figures, as without a file
+            return None
+        row = variant_row(data, [folder.name]) if folder.name != "base" else None
+        if row is None:
+            return None
+    figures = Figures(path, data, row["variant"])
+    _check_row(figures, folder)
+    return figures
+
+
+def _results_file(figures: Figures | None) -> list[tuple[str, Path]]:
+    """The results.json quoted in the card, to be checked for the token as the files are."""
+    return [(figures.path.name, figures.path)] if figures is not None else []
+
+
+def _card_bytes(folder: Path, repo_id: str, figures: Figures | None = None) -> bytes:
+    """The card as uploaded: the repo id in its snippets, and the figures when there are some."""
+    card = (folder / CARD).read_text(encoding="utf-8")
+    if figures is not None:
+        try:
+            card = add_evaluation(card, figures.results, figures.variant, repo_id=repo_id)
+        except ValueError as error:
+            raise HubquantError(
+                f"cannot add the figures of {figures.path} to {folder / CARD}: {error}; fix the card, or "
+                f"re-run `hubquant quantize --out` to write it again"
+            ) from None
+    return fill_repo_id(card, repo_id).encode("utf-8")
+
+
+def dry_run_text(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    results: str | Path | None = None,
+) -> str:
+    """What `push` would do, as text: the repo, the commit message, where the figures come from,
+    every file with its size, and the model card as it would be uploaded. Contacts nothing.
 
     Args:
         folder: the quantized folder.
         repo_id: the target repo (ORG/NAME).
         private: whether the repo would be created private.
         revision: the branch the commit would go to (default: main).
+        results: the results.json whose figures go into the card (see `find_results`).
     """
     folder = Path(folder)
     _check_repo_id(repo_id)
     method, base, files = check_folder(folder)
-    _refuse_secrets(files, _secrets(None))  # the card is printed: a token in it would be too
-    card = _card_bytes(folder, repo_id)
+    figures = find_results(folder, method, results)
+    # The card is printed: a token in it (or in the results.json it quotes) would be too.
+    _refuse_secrets([*files, *_results_file(figures)], _secrets(None))
+    card = _card_bytes(folder, repo_id, figures)
     sizes = {name: (len(card) if name == CARD else path.stat().st_size) for name, path in files}
     width = max(len(human_bytes(size)) for size in sizes.values())
     lines = [
         f"dry run: nothing is sent. Would push {folder} to {repo_id} "
         f"({'private' if private else 'public'} if created), branch {revision or 'main'}, in one commit:",
         f"  {_commit_message(method, base)}",
+        (
+            f"figures in the card: {figures.variant} and the base, from {figures.path}"
+            if figures is not None
+            else f"figures in the card: none (no {RESULTS} of `hubquant eval` found; add them with --results PATH)"
+        ),
         f"{len(files)} files, {human_bytes(sum(sizes.values()))}:",
         *(f"  {human_bytes(size):>{width}}  {name}" for name, size in sizes.items()),
         "",
@@ -156,22 +288,6 @@ def _commit_message(method: str, base: str) -> str:
     return f"Add {method} quantization of {base} (hubquant)"
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """The exception types of 'no connection' in the HTTP clients huggingface_hub may use."""
-    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (
-        ("httpx2", ("TransportError",)),
-        ("httpx", ("TransportError",)),
-        ("requests.exceptions", ("ConnectionError", "Timeout")),
-    ):
-        try:
-            imported = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        kinds += [getattr(imported, name) for name in names if hasattr(imported, name)]
-    return tuple(kinds)
-
-
 def _hub_error(error: BaseException, repo_id: str, revision: str | None, secrets: list[str]) -> HubquantError:
     """One line for a failed Hub call: what happened and what to do."""
     from huggingface_hub import errors
@@ -200,9 +316,9 @@ def _hub_error(error: BaseException, repo_id: str, revision: str | None, secrets
     elif isinstance(error, errors.HfHubHTTPError):
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         message = f"the Hub refused the push to {repo_id} ({status}): {first}"
-    elif isinstance(error, _network_errors()):
+    elif (failure := transport_failure(error)) is not None:
         message = (
-            f"cannot reach the Hugging Face Hub (no connection: {type(error).__name__}); "
+            f"cannot reach the Hugging Face Hub (no connection: {type(failure).__name__}) at {hub_endpoint()}; "
             "check the network (or HF_ENDPOINT) and retry"
         )
     else:
@@ -222,8 +338,14 @@ def push(
     dry_run: bool = False,
     api: Any = None,
     token: str | None = None,
+    results: str | Path | None = None,
 ) -> str:
     """Upload a quantized folder to the Hub in one commit, creating the repo (and branch) if missing.
+
+    The uploaded card carries the variant's figures and the base's (an Evaluation section and the
+    `model-index` metadata) from `results`, or, for a folder `hubquant eval` made
+    (OUT/variants/NAME), from OUT/results.json when it has the variant's row. The local folder is
+    not changed.
 
     Args:
         folder: the folder `hubquant quantize --out` wrote (config.json with quantization_config,
@@ -234,21 +356,25 @@ def push(
         dry_run: print the file list and the card, contact nothing, and return that text.
         api: an `HfApi`-like object (default: `huggingface_hub.HfApi(token=token)`).
         token: a Hub token (default: `HF_TOKEN` or the saved login, as huggingface_hub resolves it).
+        results: a `hubquant eval` results.json with a row for this variant (named as the folder,
+            or as its method).
 
     Returns:
         The commit's URL (with `dry_run`: the text printed).
 
     Raises:
-        HubquantError: one line for a bad folder or repo id, a missing login, 401, 403, 404 or no
-            connection.
+        HubquantError: one line for a bad folder or repo id, a results.json without the variant's
+            row, a missing login, 401, 403, 404 or no connection.
     """
     folder = Path(folder).expanduser()
     if dry_run:
-        text = dry_run_text(folder, repo_id, private=private, revision=revision)
+        text = dry_run_text(folder, repo_id, private=private, revision=revision, results=results)
         print(text, end="")
         return text
     _check_repo_id(repo_id)
     method, base, files = check_folder(folder)
+    card_figures = find_results(folder, method, results)
+    card = _card_bytes(folder, repo_id, card_figures)  # before any request
     import huggingface_hub
     from huggingface_hub import CommitOperationAdd
 
@@ -261,7 +387,7 @@ def push(
         auth: dict[str, Any] = {}
     else:
         auth = {"token": token} if token else {}
-    _refuse_secrets(files, secrets)
+    _refuse_secrets([*files, *_results_file(card_figures)], secrets)
     message = _commit_message(method, base)
     try:
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True, **auth)
@@ -274,10 +400,7 @@ def push(
             )
         if revision:
             api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True, **auth)
-        operations = [
-            CommitOperationAdd(name, _card_bytes(folder, repo_id) if name == CARD else str(path))
-            for name, path in files
-        ]
+        operations = [CommitOperationAdd(name, card if name == CARD else str(path)) for name, path in files]
         info = api.create_commit(
             repo_id=repo_id,
             repo_type="model",

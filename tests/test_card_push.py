@@ -665,3 +665,314 @@ def test_lazy_quantize_names_and_light_imports(quantized):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+# --- the figures of `hubquant eval` in the pushed card ---------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "reports" / "examples"
+DECODER_RESULTS = EXAMPLES / "SmolLM2-135M-Instruct" / "results.json"
+ENCODER_RESULTS = EXAMPLES / "all-MiniLM-L6-v2" / "results.json"
+ENCODER_CONFIG = {"architectures": ["BertModel"], "model_type": "bert", "torch_dtype": "float32"}
+
+
+def make_variant(
+    folder: Path, base_config: dict[str, Any] = BASE_CONFIG, report: QuantReport | None = None
+) -> Path:
+    """A quantized folder as `hubquant quantize --out` (or eval, into OUT/variants/NAME) writes it."""
+    folder.mkdir(parents=True)
+    config = {**base_config, "quantization_config": QUANTIZATION_CONFIG}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({"embeddings.weight": np.ones((8, 4), dtype=np.float32)}, str(folder / "model.safetensors"))
+    write_card(folder, base_model=BASE, base_config=base_config, report=report or make_report())
+    return folder
+
+
+def eval_out(
+    tmp_path: Path, example: Path, variant: str = "int4", **kwargs: Any
+) -> tuple[Path, dict[str, Any]]:
+    """OUT as `hubquant eval --out OUT` leaves it: OUT/results.json (a copy of a real one) and the
+    variant's folder OUT/variants/NAME. Returns (the variant's folder, the results)."""
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "results.json").write_text(example.read_text())
+    return make_variant(out / "variants" / variant, **kwargs), json.loads(example.read_text())
+
+
+def row_of(results: dict[str, Any], variant: str) -> dict[str, Any]:
+    return next(row for row in results["rows"] if row["variant"] == variant)
+
+
+def uploaded_card(hub) -> str:
+    (api,) = hub.made
+    return api.calls[-1][1]["files"]["README.md"].decode()
+
+
+def evaluation_section(card: str) -> str:
+    return card.split("\n## Evaluation\n", 1)[1].split("\n## ", 1)[0]
+
+
+def table(section: str) -> dict[str, dict[str, str]]:
+    """The evaluation table: the first cell of each row -> {column title: cell}."""
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+    header, rows = split[0], split[2:]
+    return {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+
+
+def hub_metrics(card: str) -> dict[str, Any]:
+    """The `model-index` as the Hub reads it (huggingface_hub's own parser): metric name -> EvalResult."""
+    data = huggingface_hub.ModelCard(card).data
+    return {result.metric_name: result for result in data.eval_results}
+
+
+def figure(value: float, spread: float | None = None, kind: str = "float") -> str:
+    text = f"{value:.1f}" if kind == "rate" else f"{value:.4g}"
+    if spread is not None:
+        text += " ± " + (f"{spread:.1f}" if kind == "rate" else f"{spread:.2g}")
+    return text
+
+
+def test_push_of_an_eval_variant_carries_its_figures_and_the_bases(tmp_path, hub):
+    """OUT/variants/int4 with OUT/results.json beside: found without being named; the uploaded
+    card has the table and the model-index with int4's and the base's figures from the file."""
+    folder, results = eval_out(tmp_path, DECODER_RESULTS)
+    local_card = (folder / "README.md").read_text()
+    push(folder, REPO)
+    card = uploaded_card(hub)
+    assert (folder / "README.md").read_text() == local_card  # staged: the folder is not changed
+    assert "## Evaluation" not in local_card and "model-index" not in local_card
+
+    int4, base = row_of(results, "int4"), row_of(results, "base")
+    rows = table(evaluation_section(card))
+    assert list(rows) == ["base (bfloat16)", "int4 (this model)"]  # nf4 and int8 are not this model
+    for label, row in (("int4 (this model)", int4), ("base (bfloat16)", base)):
+        cells = rows[label]
+        assert cells["perplexity"] == figure(row["ppl"], row["ppl_err"])
+        assert cells["mean KL divergence to the base model"] == figure(row["kld_mean"], row["kld_err"])
+        assert cells["top-1 agreement with the base model"] == f"{100 * row['top1_agreement']:.2f}%"
+        assert cells["decode, tok/s"] == figure(row["decode_tok_s"], row["decode_sd"], "rate")
+        assert cells["on disk"] == card_module.human_bytes(row["disk_bytes"])
+        assert cells["weights in memory"] == card_module.human_bytes(row["weight_bytes"])
+    section = evaluation_section(card)
+    method, dataset = results["method"], results["dataset"]
+    assert (
+        f"sha256 {dataset['sha256']}" in section
+        and f"{dataset['name']}, {dataset['chars']:,} characters" in section
+    )
+    assert f"{method['windows']} windows of {method['ctx']} tokens" in section
+    assert f"{method['tokens_scored']:,} tokens scored" in section and "± is the standard error" in section
+    assert card_module.md_escape(results["verdict"]["text"]) in section
+
+    meta = front_matter(card)
+    assert meta["base_model"] == BASE and meta["pipeline_tag"] == "text-generation"
+    (entry,) = meta["model-index"]
+    assert entry["name"] == REPO.split("/")[1]
+    (result,) = entry["results"]
+    assert result["task"] == {"type": "text-generation"}
+    assert result["dataset"] == {"name": dataset["name"], "type": dataset["name"]}
+    metrics = hub_metrics(card)
+    expected = {
+        "Perplexity (int4)": int4["ppl"],
+        "Mean KL divergence to the base model, nats/token (int4)": int4["kld_mean"],
+        "Top-1 agreement with the base model (int4)": int4["top1_agreement"],
+        "Decode speed, tokens/s (int4)": int4["decode_tok_s"],
+        "Checkpoint size on disk, bytes (int4)": int4["disk_bytes"],
+        "Perplexity (base model, bfloat16)": base["ppl"],
+        "Decode speed, tokens/s (base model, bfloat16)": base["decode_tok_s"],
+        "Checkpoint size on disk, bytes (base model, bfloat16)": base["disk_bytes"],
+    }
+    assert {name: result.metric_value for name, result in metrics.items()} == expected
+    assert all(
+        r.task_type == "text-generation" and r.dataset_name == dataset["name"] for r in metrics.values()
+    )
+    ppl = metrics["Perplexity (int4)"]
+    assert ppl.metric_type == "perplexity" and ppl.metric_args["stderr"] == int4["ppl_err"]
+    assert (
+        ppl.metric_args["ctx"] == method["ctx"]
+        and ppl.metric_args["tokens_scored"] == method["tokens_scored"]
+    )
+
+
+def test_push_results_names_the_file_for_any_folder_encoder(tmp_path, hub, capsys):
+    """`--results PATH` for a folder outside OUT/variants: the row is found by the folder's method;
+    an embedder's own figures (cosine mean/min, NN@10, encode speed) go into the card."""
+    folder = make_variant(tmp_path / "my-minilm-q4", base_config=ENCODER_CONFIG)
+    results = json.loads(ENCODER_RESULTS.read_text())
+    argv = ["push", str(folder), "--repo-id", REPO, "--results", str(ENCODER_RESULTS)]
+    assert main(argv) == 0, capsys.readouterr().err
+    card = uploaded_card(hub)
+    int4, base = row_of(results, "int4"), row_of(results, "base")
+    k = results["method"]["nn_k"]
+    rows = table(evaluation_section(card))
+    assert list(rows) == ["base (bfloat16)", "int4 (this model)"]
+    for label, row in (("int4 (this model)", int4), ("base (bfloat16)", base)):
+        cells = rows[label]
+        assert cells["mean cosine to the base's vectors"] == figure(row["cos_mean"])
+        assert cells["least cosine to the base's vectors"] == figure(row["cos_min"])
+        assert cells[f"NN@{k} agreement with the base model"] == f"{100 * row['nn_agreement']:.2f}%"
+        assert cells["encode, sequences/s"] == figure(row["encode_seq_s"], row["encode_sd"], "rate")
+        assert cells["on disk"] == card_module.human_bytes(row["disk_bytes"])
+        assert "perplexity" not in cells
+    section = evaluation_section(card)
+    assert f"sha256 {results['dataset']['sha256']}" in section
+    assert card_module.md_escape(results["verdict"]["text"]) in section
+
+    meta = front_matter(card)
+    assert meta["pipeline_tag"] == "feature-extraction"
+    assert meta["model-index"][0]["results"][0]["task"] == {"type": "feature-extraction"}
+    metrics = hub_metrics(card)
+    assert {name: result.metric_value for name, result in metrics.items()} == {
+        "Mean cosine to the base model's sentence vectors (int4)": int4["cos_mean"],
+        "Least cosine to the base model's sentence vectors (int4)": int4["cos_min"],
+        f"NN@{k} agreement with the base model (int4)": int4["nn_agreement"],
+        "Encode speed, sequences/s (int4)": int4["encode_seq_s"],
+        "Checkpoint size on disk, bytes (int4)": int4["disk_bytes"],
+        "Encode speed, sequences/s (base model, bfloat16)": base["encode_seq_s"],
+        "Checkpoint size on disk, bytes (base model, bfloat16)": base["disk_bytes"],
+    }
+
+
+def test_masked_lm_figures(tmp_path):
+    """A masked-LM run: pseudo-perplexity with its error, KLD and top-1 on the masked tokens."""
+    results = json.loads(ENCODER_RESULTS.read_text())
+    results["task"] = "masked-lm"
+    results["method"] = {"pppl_method": "pseudo-perplexity", "ctx": 128, "windows": 8, "tokens_masked": 150,
+                         "mask_rate": 0.15, "mask_seed": 0, "dtype": "bf16", "speed_runs": 3,
+                         "encode_batch": 32, "encode_length": 128, "kld": "KL(base || variant)"}  # fmt: skip
+    for i, row in enumerate(results["rows"]):
+        row.update(
+            pppl=4.0 + i,
+            pppl_err=0.1 * (i + 1),
+            kld_mean=0.01 * i,
+            kld_err=0.001,
+            top1_agreement=1 - 0.01 * i,
+        )
+    config = {"architectures": ["BertForMaskedLM"], "model_type": "bert"}
+    text = render_card(
+        base_model=BASE,
+        base_config=config,
+        report=make_report(),
+        results=results,
+        variant="nf4",
+        repo_id=REPO,
+    )
+    nf4 = row_of(results, "nf4")
+    cells = table(evaluation_section(text))["nf4 (this model)"]
+    assert cells["pseudo-perplexity"] == figure(nf4["pppl"], nf4["pppl_err"])
+    assert (
+        cells["top-1 agreement with the base model (masked tokens)"] == f"{100 * nf4['top1_agreement']:.2f}%"
+    )
+    assert "150 tokens masked (15% per window, seed 0)" in evaluation_section(text)
+    metrics = hub_metrics(text)
+    assert metrics["Pseudo-perplexity (nf4)"].metric_value == nf4["pppl"]
+    assert metrics["Pseudo-perplexity (nf4)"].task_type == "fill-mask"
+    assert (
+        metrics["Mean KL divergence to the base model on masked tokens, nats/token (nf4)"].metric_value
+        == nf4["kld_mean"]
+    )
+
+
+def test_missing_row_is_one_line_naming_the_file_and_the_fix(tmp_path, hub, capsys):
+    results = json.loads(DECODER_RESULTS.read_text())
+    results["rows"] = [row for row in results["rows"] if row["variant"] != "int4"]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    folder = make_variant(tmp_path / "q4")
+    assert main(["push", str(folder), "--repo-id", REPO, "--results", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hubquant: error: ") and err.count("\n") == 1, err
+    assert f"{path} has no row for q4 or int4 (its rows: base, nf4, int8)" in err and "--results" in err
+    assert [name for api in hub.made for name, _ in api.calls] == []  # nothing sent
+
+    # Found beside OUT/variants/int4 without the row (the eval has not got there): pushed without figures.
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(results))
+    folder = make_variant(out / "variants" / "int4")
+    push(folder, REPO)
+    card = uploaded_card(hub)
+    assert "## Evaluation" not in card and "model-index" not in front_matter(card)
+
+
+def test_a_row_of_other_settings_is_refused(tmp_path, capsys):
+    report = make_report()
+    report.settings["group_size"] = 64
+    folder, _ = eval_out(tmp_path, DECODER_RESULTS, report=report)
+    assert main(["push", str(folder), "--repo-id", REPO, "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was measured with group_size=128" in err and "group_size=64" in err, err
+
+
+@pytest.mark.parametrize("results", ["missing.json", "bad.json"])
+def test_unreadable_results_is_one_line(tmp_path, quantized, results, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    assert (
+        main(["push", str(quantized), "--repo-id", REPO, "--results", str(tmp_path / results), "--dry-run"])
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / results) in err, err
+
+
+def test_dry_run_shows_the_card_with_the_figures(tmp_path, capsys):
+    int8 = QuantReport("int8", {}, "torchao", "0.18.0", make_report(None).layers)
+    folder, results = eval_out(tmp_path, DECODER_RESULTS, variant="int8", report=int8)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert main(["push", str(folder), "--repo-id", REPO, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"figures in the card: int8 and the base, from {folder.parent.parent / 'results.json'}" in out
+    card = out.split("README.md:\n", 1)[1]
+    assert "| int8 (this model) |" in card and "model-index:" in card
+    assert hub_metrics(card)["Perplexity (int8)"].metric_value == row_of(results, "int8")["ppl"]
+    assert before == {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    assert main(["push", str(make_variant(tmp_path / "alone")), "--repo-id", REPO, "--dry-run"]) == 0
+    assert "figures in the card: none" in capsys.readouterr().out
+
+
+def test_figures_added_at_push_are_those_render_card_writes(tmp_path):
+    """`add_evaluation` on a card written without figures gives the card written with them; run
+    again it replaces its own section; hand edits elsewhere in the card are kept."""
+    from hubquant.quantize.card import add_evaluation
+
+    results = json.loads(DECODER_RESULTS.read_text())
+    plain = render_card(base_model=BASE, base_config=BASE_CONFIG, report=make_report(), repo_id=REPO)
+    full = render_card(
+        base_model=BASE,
+        base_config=BASE_CONFIG,
+        report=make_report(),
+        repo_id=REPO,
+        results=results,
+        variant="int4",
+    )
+    assert add_evaluation(plain, results, "int4", repo_id=REPO) == full
+    assert add_evaluation(full, results, "int4", repo_id=REPO) == full
+    edited = plain.replace("## How to use", "A note of ours.\n\n## How to use")
+    again = add_evaluation(edited, results, "int4", repo_id=REPO)
+    assert "A note of ours.\n\n## Evaluation" in again and again.count("## Evaluation") == 1
+    bare = add_evaluation("# My card\n", results, "int4")
+    assert bare.startswith("---\nmodel-index:\n") and "\n# My card\n\n## Evaluation\n" in bare
+    with pytest.raises(ValueError, match="no figures of fp8"):
+        add_evaluation(plain, results, "fp8")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: __import__("httpx2").ConnectError("[Errno -2] Name or service not known"),
+        lambda: __import__("httpx2").ReadTimeout("timed out"),
+        lambda: __import__("requests").exceptions.ConnectionError("refused"),
+        lambda: TimeoutError("timed out"),
+        lambda: socket.gaierror(-2, "Name or service not known"),
+    ],
+)
+def test_push_and_downloads_share_one_map_of_network_errors(error):
+    """What downloads call "cannot reach the Hub", push does too (hubquant.models.hub.transport_failure)."""
+    from hubquant.models.hub import _hub_errors
+    from hubquant.quantize.push import _hub_error
+
+    with pytest.raises(HubquantError) as download, _hub_errors("org/tiny", None):
+        raise error()
+    assert download.value.args[0].startswith("cannot reach the Hub at "), download.value
+    pushed = str(_hub_error(error(), REPO, None, []))
+    assert pushed.startswith("cannot reach the Hugging Face Hub (no connection: "), pushed

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from hubquant.errors import HubquantError
-from hubquant.models.checkpoint import read_index, read_json
+from hubquant.files import read_json
+from hubquant.models.checkpoint import read_index
 from hubquant.models.hub import (
     BIN_INDEX,
     SAFETENSORS_INDEX,

@@ -17,6 +17,7 @@ from pathlib import Path
 from hubquant import __version__
 from hubquant.errors import HubquantError
 from hubquant.models.config import DTYPE_NAMES
+from hubquant.quantize.registry import default_variants, method_names
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -162,11 +163,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
-# The quantization methods, named here rather than imported: importing hubquant.quantize's
-# registry would import torch, and `--help` must answer without it.
-QUANT_METHODS = ("int4", "nf4", "int8", "fp8")
-
-
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from hubquant.quantize.card import report_summary
 
@@ -283,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="measure a checkpoint, decoder or BERT encoder (default: the embedded SmolLM2-135M)"
     )
     ev.add_argument("model", nargs="?", default=None, help="Hub repo id or folder; empty: embedded default")
-    ev.add_argument("--variants", default=None, help="comma-separated: base,int4,nf4,int8,fp8,gguf:PATH "
-                    "(default base,int4,nf4,int8)")  # fmt: skip
+    ev.add_argument("--variants", default=None,
+                    help=f"comma-separated: base,{','.join(method_names())},gguf:PATH "
+                    f"(default {','.join(default_variants())})")  # fmt: skip
     ev.add_argument("--dataset", default="python-docs", help="python-docs, wikitext2 or a .txt file")
     ev.add_argument("--ctx", type=int, default=None,
                     help="tokens per window (default 512; masked-LM encoders 128)")  # fmt: skip
@@ -306,9 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="embedders' verdict budget: mean cosine to the base's sentence vectors")  # fmt: skip
     ev.set_defaults(func=_cmd_eval, dtype_default="bf16")
 
-    quant = sub.add_parser("quantize", help="quantize a checkpoint (int4, nf4, int8, fp8)")
+    quant = sub.add_parser("quantize", help=f"quantize a checkpoint ({', '.join(method_names())})")
     quant.add_argument("model", help="Hub repo id or local checkpoint folder")
-    quant.add_argument("--method", required=True, choices=QUANT_METHODS, help="quantization method")
+    quant.add_argument("--method", required=True, choices=method_names(), help="quantization method")
     quant.add_argument(
         "--group-size", type=int, default=None, help="int4: values per scale (default 128, else 64 or 32)"
     )

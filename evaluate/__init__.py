@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 from hubquant import _LazyPackage
 
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
-    from .perplexity import PerplexityResult, perplexity, pydoc_text
+    from .data import pydoc_text
+    from .perplexity import PerplexityResult, perplexity
 
 # Public name -> the submodule (relative to this package) that defines it.
 _LAZY: dict[str, str] = {
     "PerplexityResult": "perplexity",
     "perplexity": "perplexity",
-    "pydoc_text": "perplexity",
+    "pydoc_text": "data",
 }
 
 __all__ = ["PerplexityResult", "perplexity", "pydoc_text"]

@@ -56,11 +56,11 @@ from hubquant.models.config import torch_dtype
 from hubquant.models.decoder import Decoder, KVCache
 from hubquant.models.generate import filter_logits
 from hubquant.models.tokenizer import Tokenizer
+from hubquant.quantize.registry import method_names
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "hubquant"  # the name lm-eval knows the model by
-VARIANTS = ("base", "int4", "nf4", "int8", "fp8")
 DEFAULT_MAX_GEN_TOKS = 256  # as lm-eval's hf model
 
 # Generation settings a task may give, beyond `until` and the max-token aliases.
@@ -171,8 +171,9 @@ class HubquantLM(TemplateLM):
                 f"the {MODEL_NAME} model needs pretrained=<Hub id or folder> in its model args"
             )
         variant = str(variant).strip().lower()
-        if variant not in VARIANTS:
-            raise HubquantError(f"model arg variant={variant!r} is unknown; use one of {', '.join(VARIANTS)}")
+        if variant != "base" and variant not in method_names():
+            known = ", ".join(("base", *method_names()))
+            raise HubquantError(f"model arg variant={variant!r} is unknown; use one of {known}")
         if str(batch_size).startswith("auto"):
             raise HubquantError(
                 f"batch_size={batch_size} is not supported by the {MODEL_NAME} model; give a number"

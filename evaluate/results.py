@@ -34,16 +34,16 @@ as before, and decoder rows hold null there. An embedding run's budget is `{"min
 
 from __future__ import annotations
 
-import errno
-import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hubquant.errors import HubquantError
+from hubquant.files import read_json, remove_temporary_files, write_json_atomic
+
 SCHEMA_VERSION = 1
+RESULTS_ROOT = Path("results")  # where `hubquant eval` writes without --out
 DEFAULT_MAX_KLD = 0.05
 DEFAULT_MIN_TOP1 = 0.90
 DEFAULT_MIN_COSINE = 0.99  # embedders: the mean cosine to the base's sentence vectors
@@ -223,72 +223,40 @@ def save_results(
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
-    """Write `results` atomically: a temporary file beside `path`, flushed to disk, renamed into place.
-
-    A reader (or a rerun after `kill -9`) sees the previous results.json or the new one, never part
-    of one; a killed write leaves at most a `.results.json.*` temporary file, which the next run
-    holding OUT's lock removes (`clear_temporary_files`).
+    """Write `results` atomically (`hubquant.files.write_json_atomic`): a reader, or a rerun after
+    `kill -9`, sees the previous results.json or the new one, never part of one; a killed write
+    leaves at most a temporary file beside it, which the next run holding OUT's lock removes
+    (`clear_temporary_files`).
 
     Raises:
         HubquantError: the file cannot be written (disk full...): one line naming it and the fix;
             the previous results.json is left as it was and the temporary file is removed.
     """
-    from hubquant.errors import HubquantError
-
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())  # renamed only once its bytes are on disk
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; results are ordinary files
-        os.replace(tmp, path)
-    except OSError as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-        fix = "free disk space or choose another --out" if full else "check that OUT's folder is writable"
-        kept = f"the previous {path.name} is unchanged" if path.is_file() else "nothing was written"
-        raise HubquantError(f"cannot write {path}: {error.strerror or error}; {fix} ({kept})") from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, results)
 
 
 def clear_temporary_files(folder: Path) -> list[Path]:
-    """Remove the temporary files that killed writes left in an eval run's OUT (results.json's, and
-    the reports' `.report.csv.*.tmp` / `.report.html.*.tmp`); call it holding OUT's lock. Returns
-    what was removed.
+    """Remove the temporary files that killed writes left in an eval run's OUT (results.json's and
+    the reports'); call it holding OUT's lock. Returns what was removed.
 
     Args:
         folder: an eval run's OUT.
     """
-    removed = []
-    for pattern in (".results.json.*", ".report.csv.*.tmp", ".report.html.*.tmp"):
-        for tmp in Path(folder).glob(pattern):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-    return removed
+    return remove_temporary_files(folder, ["results.json", "report.csv", "report.html"])
+
+
+def model_folder_name(model: str) -> str:
+    """The results folder name of a model (a Hub id or a local folder): the folder's own name, or
+    the id with `/` as `__` (`hubquant eval` writes to RESULTS_ROOT / it; a sweep below its root)."""
+    path = Path(model)
+    name = path.name if path.is_dir() else model
+    return name.strip("/").replace("/", "__")
 
 
 def read_results(path: Path) -> dict[str, Any]:
     """A results.json, checked for its schema version (one-line errors)."""
-    from hubquant.errors import HubquantError
-
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise HubquantError(f"{path} not found; pass the results.json of a `hubquant eval` run") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise HubquantError(f"{path} is not valid JSON ({error}); rerun `hubquant eval`") from None
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+    data = read_json(path, "results.json of a `hubquant eval` run", fix="rerun `hubquant eval`")
+    if data.get("schema_version") != SCHEMA_VERSION:
         raise HubquantError(
             f"{path} is not a hubquant results.json of schema version {SCHEMA_VERSION}; rerun `hubquant eval`"
         )

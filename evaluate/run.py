@@ -36,22 +36,23 @@ import torch
 
 from hubquant.errors import HubquantError
 from hubquant.locks import hold, lock_scope
+from hubquant.quantize.registry import default_variants, method_names
 
 from .data import load_text
 from .results import (
     DEFAULT_MAX_KLD,
     DEFAULT_MIN_COSINE,
     DEFAULT_MIN_TOP1,
+    RESULTS_ROOT,
     Row,
     clear_temporary_files,
+    model_folder_name,
     results_header,
     save_results,
     verdict,
 )
 from .scoring import score, windows
 
-QUANT_VARIANTS = ("int4", "nf4", "int8", "fp8")
-DEFAULT_VARIANTS = ("base", "int4", "nf4", "int8")
 # The embedded default model is judged on fewer windows, so that `make eval` ends in minutes.
 DEFAULT_MODEL_CHUNKS = 16
 DEFAULT_CTX = 512  # decoders; encoders default to 128 (hubquant.evaluate.encoder)
@@ -59,14 +60,14 @@ DEFAULT_CTX = 512  # decoders; encoders default to 128 (hubquant.evaluate.encode
 
 def _check_variants(variants: list[str]) -> None:
     for v in variants:
-        if v == "base" or v in QUANT_VARIANTS:
+        if v == "base" or v in method_names():
             continue
         if v.startswith("gguf:"):
             path = Path(v[5:]).expanduser()
             if not path.is_file():
                 raise HubquantError(f"variant {v}: GGUF file {path} not found; check the path")
             continue
-        known = ", ".join(("base", *QUANT_VARIANTS, "gguf:PATH"))
+        known = ", ".join(("base", *method_names(), "gguf:PATH"))
         raise HubquantError(f"variant '{v}' is unknown; use any of {known}")
     if len(set(variants)) != len(variants):
         raise HubquantError("--variants names a variant twice; name each once")
@@ -98,10 +99,6 @@ def _check_settings(
         raise HubquantError(f"--max-kld {max_kld} --min-top1 {min_top1}: KLD must be >= 0, top-1 in 0..1")
     if not -1 <= min_cosine <= 1:
         raise HubquantError(f"--min-cosine {min_cosine}: a cosine similarity lies in -1..1")
-
-
-def _default_out(name: str) -> Path:
-    return Path("results") / name.strip("/").replace("/", "__")
 
 
 def _versions() -> dict[str, str | None]:
@@ -184,7 +181,8 @@ def run_eval(
 
     Args:
         model_source: a Hub repo id or local folder; None: the embedded SmolLM2-135M-Instruct.
-        variants: "base", quantize methods ("int4", "nf4", "int8", "fp8"), "gguf:PATH".
+        variants: "base", quantization methods (`hubquant.quantize.registry`), "gguf:PATH"
+            (default: the base and the methods marked `default_eval`).
         dataset: "python-docs", "wikitext2" or a .txt path.
         ctx: tokens per window (default 512; 128 for a masked-LM encoder, at most its positions).
         max_chunks: score at most this many windows (default: all; 16 for the embedded model).
@@ -217,7 +215,7 @@ def run_eval(
     from hubquant.models.config import torch_dtype
     from hubquant.models.loading import torch_device
 
-    variants = list(variants or DEFAULT_VARIANTS)
+    variants = list(variants or default_variants())
     _check_variants(variants)
     _check_settings(ctx, ppl_method, stride, max_chunks, max_tokens, max_kld, min_top1, min_cosine)
     target_dtype = torch_dtype(dtype)
@@ -234,19 +232,13 @@ def run_eval(
         from hubquant.convert import DEFAULT_MODEL_NAME, default_model
 
         folder, model_id = default_model(), DEFAULT_MODEL_NAME
-        out_path = Path(out) if out else _default_out("SmolLM2-135M-Instruct")
+        out_path = Path(out) if out else RESULTS_ROOT / model_folder_name("SmolLM2-135M-Instruct")
         max_chunks = DEFAULT_MODEL_CHUNKS if max_chunks is None else max_chunks
     else:
         from hubquant.models.hub import resolve
 
         folder, model_id = resolve(model_source, revision), str(model_source)
-        out_path = (
-            Path(out)
-            if out
-            else _default_out(
-                Path(str(model_source)).name if Path(str(model_source)).is_dir() else str(model_source)
-            )
-        )
+        out_path = Path(out) if out else RESULTS_ROOT / model_folder_name(str(model_source))
     if not (folder / "tokenizer.json").is_file():
         raise HubquantError(
             f"{model_id} ships no tokenizer.json; evaluation needs its tokenizer "

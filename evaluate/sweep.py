@@ -38,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubquantError
+from hubquant.quantize.registry import default_variants
+
+from .results import model_folder_name
 
 SPEC_KEYS = ("models", "variants", "dataset", "eval", "out")
 # `run_eval` settings a sweep file may give under `eval:` (everything but where and what).
@@ -76,7 +79,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         raise HubquantError(f"{path}: 'models' must be a non-empty list of Hub ids or folders")
     if len(set(models)) != len(models):
         raise HubquantError(f"{path}: 'models' names a model twice; name each once")
-    variants = spec.get("variants", ["base", "int4", "nf4", "int8"])
+    variants = spec.get("variants", list(default_variants()))
     if not isinstance(variants, list) or not variants or not all(isinstance(v, str) for v in variants):
         raise HubquantError(f"{path}: 'variants' must be a non-empty list such as [base, int4, int8]")
     from .run import _check_variants
@@ -100,13 +103,6 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         "eval": settings,
         "out": spec.get("out"),
     }
-
-
-def model_folder_name(model: str) -> str:
-    """The results folder name of a model, as `hubquant eval` names it."""
-    path = Path(model)
-    name = path.name if path.is_dir() else model
-    return name.strip("/").replace("/", "__")
 
 
 def _task(model: str, variant: str, dataset: str, settings: dict[str, Any], out: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ placeholder; nothing is materialised twice. Every tensor is checked: known
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +15,11 @@ import torch
 from torch import nn
 
 from hubquant.errors import HubquantError
+from hubquant.files import read_json
 
 from .families import Family
 from .hub import BIN, BIN_INDEX, CONFIG, SAFETENSORS, SAFETENSORS_INDEX, read_weight_map
 from .safetensors_file import SafetensorsFile
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from `path`, or a one-line error naming the file: missing, unreadable, not
-    JSON, or JSON that is not an object (config.json, generation_config.json, tokenizer_config.json...).
-
-    Args:
-        path: the file.
-        what: how messages name the file when it is missing.
-    """
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HubquantError(f"{path} not found: the folder has no {what}") from None
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, 4300-digit numbers
-        detail = (str(error).splitlines() or [type(error).__name__])[0][:200]
-        raise HubquantError(f"{path} is not valid JSON ({detail}); re-download or fix it") from None
-    except OSError as error:
-        raise HubquantError(f"cannot read {path} ({error.strerror or error}); check the file") from None
-    if not isinstance(data, dict):
-        kind = "null" if data is None else type(data).__name__
-        raise HubquantError(f"{path} holds a JSON {kind}, not an object of settings; re-download or fix it")
-    return data
 
 
 def read_config(folder: Path) -> dict[str, Any]:

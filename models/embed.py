@@ -11,15 +11,15 @@ normalisation, truncation at the model's positions.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from hubquant.errors import HubquantError
+from hubquant.files import read_json
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -36,6 +36,7 @@ POOLING_KEYS = {
 }
 _UNSUPPORTED_POOLING = ("pooling_mode_weightedmean_tokens",)
 _KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
+_FIX = "re-download the checkpoint"
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,6 @@ class SentenceConfig:
         return f"{'+'.join(self.pooling)} pooling{norm}, max {self.max_length} tokens ({where})"
 
 
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise HubquantError(f"{path} is not valid JSON ({error}); re-download the checkpoint") from None
-
-
 def read_sentence_config(folder: Path, cfg: ModelConfig) -> SentenceConfig:
     """The sentence pipeline a checkpoint folder declares (see the module docstring).
 
@@ -80,16 +74,14 @@ def read_sentence_config(folder: Path, cfg: ModelConfig) -> SentenceConfig:
     """
     max_length = cfg.max_position
     st_path = folder / "sentence_bert_config.json"
-    st = _read(st_path) if st_path.is_file() else {}
+    st = read_json(st_path, st_path.name, _FIX) if st_path.is_file() else {}
     if st.get("max_seq_length"):
         max_length = min(int(st["max_seq_length"]), cfg.max_position)
     lowercase = bool(st.get("do_lower_case", False))
     modules_path = folder / "modules.json"
     if not modules_path.is_file():
         return SentenceConfig(max_length=max_length, lowercase=lowercase)
-    modules = _read(modules_path)
-    if not isinstance(modules, list):
-        raise HubquantError(f"{modules_path} should list modules; re-download the checkpoint")
+    modules = read_json(modules_path, modules_path.name, _FIX, kind=list)
     pooling: tuple[str, ...] = ()
     normalize = False
     unsupported = None
@@ -115,7 +107,7 @@ def read_sentence_config(folder: Path, cfg: ModelConfig) -> SentenceConfig:
 def _pooling(path: Path) -> tuple[tuple[str, ...], str | None]:
     if not path.is_file():
         return ("mean",), None  # sentence-transformers' Pooling default
-    config = _read(path)
+    config = read_json(path, path.name, _FIX)
     if isinstance(config.get("pooling_mode"), str):  # newer configs may name one mode
         mode = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(
             config["pooling_mode"], config["pooling_mode"]

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from hubquant.errors import HubquantError
+from hubquant.files import read_json
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -95,13 +96,8 @@ def read_weight_map(index_path: Path, where: str | None = None) -> dict[str, str
     """
     where = where or str(index_path)
     fix = "re-download the checkpoint, or fix or remove the index"
-    try:
-        data = json.loads(index_path.read_text())
-    except FileNotFoundError:
-        raise HubquantError(f"{where} not found; re-download the checkpoint") from None
-    except (ValueError, RecursionError) as error:
-        raise HubquantError(f"{where} is not valid JSON ({error}); {fix}") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    data = read_json(index_path, index_path.name, fix, name=where)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise HubquantError(f"{where} has no weight_map (tensor name -> shard file); {fix}")
     for tensor, shard in weight_map.items():

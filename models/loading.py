@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from hubquant.errors import HubquantError
+from hubquant.files import read_json
 
-from .checkpoint import hub_tensor_names, load_weights, read_config, read_json, shard_files
+from .checkpoint import hub_tensor_names, load_weights, read_config, shard_files
 from .config import torch_dtype
 from .decoder import Decoder, fuse_projections
 from .encoder import Encoder, build_model

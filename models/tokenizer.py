@@ -88,7 +88,7 @@ def read_tokenizer_config(folder: Path) -> dict[str, Any]:
     Args:
         folder: the checkpoint folder.
     """
-    from .checkpoint import read_json
+    from hubquant.files import read_json
 
     path = folder / "tokenizer_config.json"
     config = read_json(path, "tokenizer_config.json") if path.is_file() else {}

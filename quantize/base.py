@@ -6,11 +6,12 @@ metadata represent that module on disk, writes the `quantization_config` transfo
 config.json, and rebuilds the runtime module from saved tensors. Everything else (walking the model layer by layer, streaming
 a checkpoint, writing shards atomically, the model card) is shared and lives in `core.py`.
 
-Methods are registered by name (`int4`, `nf4`, `int8`, `fp8`), like families are.
+Methods are registered by name, like families are; `registry.py` finds them in this folder.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from hubquant.errors import HubquantError
+
+from . import registry
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -31,8 +34,8 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def method_names() -> list[str]:
-    _import_methods()
-    return sorted(_METHODS)
+    """The registered methods' names (the registry's order)."""
+    return registry.method_names()
 
 
 def get_method(name: str, **settings: Any) -> Method:
@@ -69,9 +72,10 @@ def method_from_hf_config(quantization_config: dict[str, Any]) -> Method:
 
 
 def _import_methods() -> None:
-    # The method modules register themselves; imported on first use so that `import hubquant`
-    # stays free of torchao and bitsandbytes.
-    from . import nf4, torchao_methods  # noqa: F401
+    # The method modules register themselves when imported: those the registry's table names,
+    # on first use, so that importing this module imports no method's library.
+    for module in sorted({info.module for info in registry.methods().values()}):
+        importlib.import_module(module)
 
 
 @dataclass
@@ -125,8 +129,15 @@ class Method(ABC):
     ones raise `HubquantError`.
     """
 
+    # Literal class attributes, read without importing the class by `registry.py` (see there).
     name: ClassVar[str]
     library: ClassVar[str]
+    bits: ClassVar[int]  # bits per weight value
+    title: ClassVar[str]  # the card's title for the method
+    about: ClassVar[str]  # the card's sentences on what the format stores (Markdown)
+    sizes: ClassVar[str]  # the card's sentences on disk against run-time bytes (Markdown)
+    repacks: ClassVar[bool] = False  # hubquant.load packs the saved layout into another for the device
+    default_eval: ClassVar[bool] = True  # `hubquant eval` makes it without --variants
 
     @property
     @abstractmethod

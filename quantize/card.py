@@ -29,6 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .registry import MethodInfo, methods
+
 if TYPE_CHECKING:
     from .base import QuantReport
 
@@ -43,51 +45,6 @@ _MODEL_ID_LINE = re.compile(r'^model_id = "ORG/NAME"[^\n]*$', re.MULTILINE)
 
 # A Hub repo id: namespace/name, the characters the Hub allows, no "--" or ".." in it.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
-
-
-@dataclass(frozen=True)
-class _MethodText:
-    title: str
-    bits: int | None
-    about: str  # what the method stores
-    sizes: str  # how disk and runtime bytes relate
-    repacks: bool = False  # hubquant.load changes the layout for the device
-
-
-_METHODS: dict[str, _MethodText] = {
-    "int4": _MethodText(
-        "int4 weight-only",
-        4,
-        "Each weight is a 4-bit integer with one scale and zero point per group of consecutive "
-        "input values (the group size above); activations stay in the base dtype.",
-        "Made on a CPU, int4 is saved in torchao's portable layout, one byte per 4-bit value "
-        "(`IntxUnpackedToInt8Tensor`), because torchao cannot save its packed CPU layout; made on "
-        "CUDA it is saved packed (`tile_packed_to_4d`). hubquant packs the weights at load time into "
-        "the fast layout of the device it runs on, two values per byte, which is the run-time figure. "
-        "transformers keeps the saved layout in memory.",
-        repacks=True,
-    ),
-    "nf4": _MethodText(
-        "NF4 (4-bit NormalFloat, bitsandbytes)",
-        4,
-        "Each weight is one of 16 NormalFloat levels, two per byte, with one absmax per block of 64 "
-        "values; with double quantisation the absmax values are themselves quantized to 8 bits. "
-        "Matrix products run in the compute dtype.",
-        "bitsandbytes keeps the same packed layout on disk and in memory.",
-    ),
-    "int8": _MethodText(
-        "int8 weight-only",
-        8,
-        "Each weight is an 8-bit integer with one scale per output row; activations stay in the base dtype.",
-        "The layout is the same on disk and in memory: one byte per weight plus the row scales.",
-    ),
-    "fp8": _MethodText(
-        "float8 weight-only",
-        8,
-        "Each weight is an 8-bit float (e4m3) with its scales; activations stay in the base dtype.",
-        "The layout is the same on disk and in memory: one byte per weight plus the scales.",
-    ),
-}
 
 
 # What the card shows of a hubquant results.json, for each kind of run (its `task`): the evaluation
@@ -728,14 +685,16 @@ def render_card(
     from hubquant import __version__
 
     data = report_dict(report)
-    method = _METHODS.get(data["method"], _MethodText(data["method"], None, "", ""))
+    method = methods().get(data["method"]) or MethodInfo(
+        data["method"], "", data["library"], 0, data["method"], "", ""
+    )
     hub_id, base_name = _base_identity(base_model)
     layers = data["layers"]
     skipped = [layer for layer in layers if layer.get("skipped")]
     head_quantized = any(layer["name"] == "lm_head" and not layer.get("skipped") for layer in layers)
 
     tags = ["hubquant", data["method"], data["library"]]
-    if method.bits is not None:
+    if method.bits:
         tags.append(f"{method.bits}-bit")
     tags = list(dict.fromkeys(str(tag) for tag in tags if tag and tag != "?"))
     meta: dict[str, Any] = {}

@@ -4,7 +4,6 @@ its device."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from hubquant.errors import HubquantError
+from hubquant.files import read_json
 
 from .base import LayerRecord, QuantReport, method_from_hf_config
 from .core import HEAD, _set, _Target, hub_module, linear_names
@@ -134,8 +134,8 @@ def _saved_report(folder: Path) -> QuantReport | None:
     path = folder / "quantization_report.json"
     if not path.is_file():
         return None
+    data = read_json(path, path.name, "re-create the variant")
     try:
-        data = json.loads(path.read_text())
         layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in data.pop("layers", [])]
         known = {f.name for f in fields(QuantReport)} - {"layers"}  # the card adds base_model
         return QuantReport(**{k: v for k, v in data.items() if k in known}, layers=layers)

@@ -95,6 +95,14 @@ class NF4(Method):
 
     name = "nf4"
     library = "bitsandbytes"
+    bits = 4
+    title = "NF4 (4-bit NormalFloat, bitsandbytes)"
+    about = (
+        "Each weight is one of 16 NormalFloat levels, two per byte, with one absmax per block of 64 "
+        "values; with double quantisation the absmax values are themselves quantized to 8 bits. "
+        "Matrix products run in the compute dtype."
+    )
+    sizes = "bitsandbytes keeps the same packed layout on disk and in memory."
 
     def __init__(self, double_quant: bool = True, **unknown: Any) -> None:
         given = sorted(k for k, v in unknown.items() if v is not None and v is not False)

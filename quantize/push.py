@@ -21,13 +21,13 @@ huggingface_hub only: never printed, logged or written, and scrubbed from every 
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubquantError
+from hubquant.files import read_json
 from hubquant.models.hub import hub_endpoint, transport_failure
 
 from .card import (
@@ -47,6 +47,7 @@ RESULTS = "results.json"
 # Never uploaded: hidden files and folders (.git, .cache/huggingface, editor files...).
 IGNORE = (".*", "*/.*")
 
+_REQUANTIZE = "re-run `hubquant quantize --out`"
 _LOGIN = "run `hf auth login` or set HF_TOKEN to a token with write access"
 
 
@@ -58,18 +59,6 @@ def _files(folder: Path) -> list[tuple[str, Path]]:
         if path.is_file() and not any(fnmatch.fnmatch(relative, pattern) for pattern in IGNORE):
             found.append((relative, path))
     return found
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HubquantError(
-            f"{path} cannot be read as JSON ({error}); re-run `hubquant quantize --out`"
-        ) from None
-    if not isinstance(data, dict):
-        raise HubquantError(f"{path} is not a JSON object; re-run `hubquant quantize --out`")
-    return data
 
 
 def check_folder(folder: Path) -> tuple[str, str, list[tuple[str, Path]]]:
@@ -89,7 +78,7 @@ def check_folder(folder: Path) -> tuple[str, str, list[tuple[str, Path]]]:
         raise HubquantError(f"{folder} is not a folder; {redo}")
     if not (folder / "config.json").is_file():
         raise HubquantError(f"{folder} has no config.json; {redo}")
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json", "config.json", _REQUANTIZE)
     quantization = config.get("quantization_config")
     if not isinstance(quantization, dict) or not quantization:
         raise HubquantError(f"{folder}/config.json has no quantization_config: it is not quantized; {redo}")
@@ -98,7 +87,7 @@ def check_folder(folder: Path) -> tuple[str, str, list[tuple[str, Path]]]:
     files = _files(folder)
     if not any(name.endswith(".safetensors") for name, _ in files):
         raise HubquantError(f"{folder} has no .safetensors weights; {redo}")
-    report = _read_json(folder / REPORT) if (folder / REPORT).is_file() else {}
+    report = read_json(folder / REPORT, REPORT, _REQUANTIZE) if (folder / REPORT).is_file() else {}
     card = read_front_matter(folder / CARD)
     method = report.get("method") or quantization.get("quant_method") or "quantized"
     base = (
@@ -131,7 +120,7 @@ def _read_results(path: Path) -> dict[str, Any]:
 
 def _check_row(figures: Figures, folder: Path) -> None:
     """Refuse a row measured on other settings than the folder's (quantization_report.json)."""
-    report = _read_json(folder / REPORT) if (folder / REPORT).is_file() else {}
+    report = read_json(folder / REPORT, REPORT, _REQUANTIZE) if (folder / REPORT).is_file() else {}
     row = variant_row(figures.results, [figures.variant]) or {}
     measured = row.get("method_settings")
     if not report or not isinstance(measured, dict):

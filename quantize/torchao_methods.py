@@ -363,6 +363,20 @@ class Int4(_TorchaoMethod):
     """
 
     name: ClassVar[str] = "int4"
+    bits: ClassVar[int] = 4
+    title: ClassVar[str] = "int4 weight-only"
+    about: ClassVar[str] = (
+        "Each weight is a 4-bit integer with one scale and zero point per group of consecutive "
+        "input values (the group size above); activations stay in the base dtype."
+    )
+    sizes: ClassVar[str] = (
+        "Made on a CPU, int4 is saved in torchao's portable layout, one byte per 4-bit value "
+        "(`IntxUnpackedToInt8Tensor`), because torchao cannot save its packed CPU layout; made on "
+        "CUDA it is saved packed (`tile_packed_to_4d`). hubquant packs the weights at load time into "
+        "the fast layout of the device it runs on, two values per byte, which is the run-time figure. "
+        "transformers keeps the saved layout in memory."
+    )
+    repacks: ClassVar[bool] = True
     tensor_types: ClassVar[tuple[str, ...]] = ("IntxUnpackedToInt8Tensor", "Int4TilePackedTo4dTensor")
     config_types: ClassVar[tuple[str, ...]] = ("IntxWeightOnlyConfig", "Int4WeightOnlyConfig")
 
@@ -648,6 +662,14 @@ class Int8(_TorchaoMethod):
     """int8 weight-only, one fp32 scale per output row (torchao's `Int8WeightOnlyConfig`)."""
 
     name: ClassVar[str] = "int8"
+    bits: ClassVar[int] = 8
+    title: ClassVar[str] = "int8 weight-only"
+    about: ClassVar[str] = (
+        "Each weight is an 8-bit integer with one scale per output row; activations stay in the base dtype."
+    )
+    sizes: ClassVar[str] = (
+        "The layout is the same on disk and in memory: one byte per weight plus the row scales."
+    )
     tensor_types: ClassVar[tuple[str, ...]] = ("Int8Tensor",)
     config_types: ClassVar[tuple[str, ...]] = ("Int8WeightOnlyConfig",)
 
@@ -727,6 +749,15 @@ class Fp8(_TorchaoMethod):
     """float8 (e4m3) weight-only, one fp32 scale per output row (`Float8WeightOnlyConfig`)."""
 
     name: ClassVar[str] = "fp8"
+    bits: ClassVar[int] = 8
+    title: ClassVar[str] = "float8 weight-only"
+    about: ClassVar[str] = (
+        "Each weight is an 8-bit float (e4m3) with its scales; activations stay in the base dtype."
+    )
+    sizes: ClassVar[str] = (
+        "The layout is the same on disk and in memory: one byte per weight plus the scales."
+    )
+    default_eval: ClassVar[bool] = False  # slow on a CPU: torchao dequantizes on every product
     tensor_types: ClassVar[tuple[str, ...]] = ("Float8Tensor",)
     config_types: ClassVar[tuple[str, ...]] = ("Float8WeightOnlyConfig",)
 

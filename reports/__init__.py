@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubquantError
+from hubquant.files import write_text_atomic
 
-from ._files import write_text_atomic
 from .html import render_comparison_html, render_html, write_html
 from .tables import combined_frame, frame_csv, to_frame, write_csv
 

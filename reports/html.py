@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.evaluate.results import Row, task_of
+from hubquant.files import write_text_atomic
 
-from ._files import write_text_atomic
 from .charts import Chart, cosine_vs_size, decode_speed, encode_speed, quality_vs_size
 from .tables import Figure, checked_rows, figures_for, scaled, task_columns
 

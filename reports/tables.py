@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from hubquant.errors import HubquantError
 from hubquant.evaluate.results import Row, rows_of, task_of
-
-from ._files import write_text_atomic
+from hubquant.files import write_text_atomic
 
 if TYPE_CHECKING:
     import pandas as pd

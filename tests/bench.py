@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from hubquant.quantize.registry import method_names
+
 CACHE = Path(os.environ.get("HUBQUANT_CACHE", Path.home() / ".cache" / "hubquant")) / "bench"
 RUNS = 3
 
@@ -307,7 +309,7 @@ def _seconds(fn, *args) -> float:
 
 # --- quantize: time, peak RSS, bytes, decode speed of each variant ----------------------------
 
-METHODS = ("int4", "nf4", "int8", "fp8")
+METHODS = tuple(method_names())
 
 
 def synthetic_checkpoint() -> Path:

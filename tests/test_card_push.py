@@ -534,7 +534,7 @@ def test_dry_run_contacts_nothing_and_prints_files_and_card(quantized, monkeypat
         ("no-quantization", "has no quantization_config"),
         ("no-card", "has no README.md"),
         ("no-weights", "has no .safetensors weights"),
-        ("bad-config", "cannot be read as JSON"),
+        ("bad-config", "is not valid JSON"),
         ("missing", "is not a folder"),
     ],
 )

@@ -45,7 +45,7 @@ def test_perplexity_matches_transformers(case, window, stride, hf_checkpoint):
     folder, hf = hf_checkpoint(case)
     model, _ = hubquant.load(folder, dtype=torch.float32, progress=False)
     ids = text_ids(301)
-    ours = perplexity(model, ids, window=window, stride=stride, batch_size=3, progress=False)
+    ours = perplexity(model, ids, window=window, stride=stride, progress=False)
     want, count = transformers_perplexity(hf, ids, window, stride)
     assert ours.tokens == count
     if stride < window:

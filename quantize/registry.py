@@ -1,0 +1,132 @@
+"""The quantization methods by name: one table, read from the methods' own files without importing them.
+
+A method is a class in a module of this folder decorated with `@register_method` (see `base.py`).
+Its plain facts are literal class attributes: `name`, `library`, `bits`, `title`, `about` (what the
+format stores), `sizes` (how disk and run-time bytes relate), `repacks` (hubquant.load changes the
+layout for the device) and `default_eval` (`hubquant eval` makes it when no `--variants` is given).
+This module reads them from the source with `ast`, so that `--help`, the model card and every list of
+variants name the methods without importing torch, torchao or bitsandbytes; `base.get_method`
+imports the modules named here and returns the classes themselves. A test checks that the two agree.
+
+Adding a method is its own file (or a class in one) and its tests: nothing here names a method.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A method's facts, as its class states them.
+
+    Attributes:
+        name: the method's name ("int4"), as `--method` and `--variants` take it.
+        module: the module that defines it ("hubquant.quantize.nf4").
+        library: the library that runs it ("torchao", "bitsandbytes").
+        bits: bits per weight value.
+        title: a short title for the card ("int4 weight-only").
+        about / sizes: the card's sentences (Markdown) on what is stored and on disk vs run-time bytes.
+        repacks: hubquant.load packs the saved layout into another for the device.
+        default_eval: `hubquant eval` makes it by default.
+    """
+
+    name: str
+    module: str
+    library: str
+    bits: int
+    title: str
+    about: str
+    sizes: str
+    repacks: bool = False
+    default_eval: bool = True
+
+
+_FIELDS = {f.name for f in fields(MethodInfo)} - {"module"}
+_REQUIRED = ("name", "library", "bits", "title", "about", "sizes")
+
+
+@functools.cache
+def methods() -> dict[str, MethodInfo]:
+    """Every registered method, by name, ordered by bits then name (int4, nf4, fp8, int8)."""
+    found: list[MethodInfo] = []
+    folder = Path(__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        found += _read_module(path, f"{__package__}.{path.stem}")
+    found.sort(key=lambda info: (info.bits, info.name))
+    table = {info.name: info for info in found}
+    if len(table) != len(found):
+        raise RuntimeError(f"two quantization methods share a name: {[info.name for info in found]}")
+    return table
+
+
+def method_names() -> list[str]:
+    """The methods' names, in the table's order."""
+    return list(methods())
+
+
+def default_variants() -> tuple[str, ...]:
+    """What `hubquant eval` (and a sweep) makes without `--variants`: the base and the default methods."""
+    return ("base", *(name for name, info in methods().items() if info.default_eval))
+
+
+def _read_module(path: Path, module: str) -> list[MethodInfo]:
+    source = path.read_text(encoding="utf-8")
+    if "register_method" not in source:
+        return []
+    tree = ast.parse(source, filename=str(path))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    found = []
+    for cls in classes.values():
+        if not any(_names(decorator) == "register_method" for decorator in cls.decorator_list):
+            continue
+        attributes: dict[str, Any] = {}
+        for node in reversed(_lineage(cls, classes)):  # bases first: a subclass overrides
+            attributes.update(_literal_attributes(node))
+        known = {k: v for k, v in attributes.items() if k in _FIELDS}
+        missing = [k for k in _REQUIRED if k not in known]
+        if missing:
+            raise RuntimeError(
+                f"{path}: method class {cls.name} must state {', '.join(missing)} as literal class attributes"
+            )
+        found.append(MethodInfo(module=module, **known))
+    return found
+
+
+def _names(node: ast.expr) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return ""
+
+
+def _lineage(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> list[ast.ClassDef]:
+    """`cls` and its bases defined in the same module, nearest first."""
+    chain = [cls]
+    for base in cls.bases:
+        parent = classes.get(_names(base))
+        if parent is not None and parent is not cls:
+            chain += _lineage(parent, classes)
+    return chain
+
+
+def _literal_attributes(cls: ast.ClassDef) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for statement in cls.body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target, value = statement.targets[0], statement.value
+        elif isinstance(statement, ast.AnnAssign) and statement.value is not None:
+            target, value = statement.target, statement.value
+        else:
+            continue
+        if isinstance(target, ast.Name):
+            try:
+                out[target.id] = ast.literal_eval(value)
+            except ValueError:
+                continue
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hubquant.errors import HubquantError
 from hubquant.models.config import torch_dtype
+from hubquant.models.hub import resolve
 
 from .hf import read_hf_folder
 from .source import SourceCheckpoint, TensorInfo, file_sha256
@@ -94,7 +95,6 @@ def open_source(source: str | Path, revision: str | None = None) -> tuple[Source
         )
     if path.is_dir():
         return read_hf_folder(path), path.absolute()
-    from hubquant.models.hub import resolve
 
     folder = resolve(str(source), revision, weights="any")
     src = read_hf_folder(folder)

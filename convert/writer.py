@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 
+from hubquant import __version__
 from hubquant.errors import HubquantError
+from hubquant.locks import out_lock
+from hubquant.models import family_for
 from hubquant.models.config import torch_dtype
 from hubquant.models.hub import SAFETENSORS_INDEX
 from hubquant.models.safetensors_file import SafetensorsWriter
@@ -114,7 +117,6 @@ def plan_shards(tensors: list[TensorInfo], dtype: torch.dtype, limit: int) -> li
 
 def _family(config: dict[str, Any]) -> Any:
     """hubquant's family for this config, or None: converting does not need hubquant to load it."""
-    from hubquant.models import family_for
 
     try:
         return family_for(config)
@@ -250,7 +252,6 @@ def _write_metadata(
     source_count: int,
 ) -> None:
     """config.json (dtype updated), generation config, index, tokenizer files and README."""
-    from hubquant import __version__
 
     dtype_name = str(dtype).removeprefix("torch.")
     config = {**src.config, "dtype": dtype_name, "torch_dtype": dtype_name}
@@ -328,7 +329,6 @@ def _staging(out: Path, force: bool) -> Iterator[Path]:
     killed `--force` had swapped aside is put back. A failed write (disk full, file-size limit...)
     is one line naming `out` and the fix, and leaves no temporary folder behind.
     """
-    from hubquant.locks import out_lock
 
     with out_lock(out):  # creates OUT's parent folder, with the one-line error when it cannot
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from hubquant.errors import HubquantError
@@ -16,10 +17,11 @@ from hubquant.errors import HubquantError
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
     from hubquant import quantize
     from hubquant.models.config import ModelConfig
-    from hubquant.models.decoder import Decoder, KVCache
+    from hubquant.models.decoder import Decoder
     from hubquant.models.embed import embed
     from hubquant.models.encoder import Encoder
     from hubquant.models.generate import generate
+    from hubquant.models.layers import KVCache
     from hubquant.models.loading import load
     from hubquant.models.tokenizer import Tokenizer
 
@@ -30,7 +32,7 @@ __version__ = "0.1.0"
 # `generate`) can never be returned in the function's place.
 _LAZY: dict[str, str] = {
     "Decoder": "hubquant.models.decoder",
-    "KVCache": "hubquant.models.decoder",
+    "KVCache": "hubquant.models.layers",
     "Encoder": "hubquant.models.encoder",
     "embed": "hubquant.models.embed",
     "ModelConfig": "hubquant.models.config",
@@ -144,8 +146,6 @@ def _register_lm_eval_model(registry: types.ModuleType) -> None:
         if name not in registry.model_registry:
             registry.model_registry.register(name, target=target)
     except Exception as error:  # lm-eval must keep working whatever happens here
-        import warnings
-
         warnings.warn(f"hubquant: could not register lm-eval's model 'hubquant': {error}", stacklevel=2)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -16,8 +17,12 @@ from pathlib import Path
 # Commands import torch (and the rest) inside their own functions.
 from hubquant import __version__
 from hubquant.errors import HubquantError
+from hubquant.evaluate.sweep import run_sweep
 from hubquant.models.config import DTYPE_NAMES
+from hubquant.quantize.card import report_summary
+from hubquant.quantize.push import push
 from hubquant.quantize.registry import default_variants, method_names
+from hubquant.reports import compare
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -57,8 +62,6 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
-    import json
-
     from hubquant.models import load
     from hubquant.models.embed import embed
 
@@ -108,7 +111,6 @@ def parse_max_memory(text: str | None) -> dict[str | int, str] | None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from hubquant.evaluate.sweep import run_sweep
 
     summary = run_sweep(args.spec, address=args.address, out=args.out)
     if summary["failed"]:
@@ -164,7 +166,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    from hubquant.quantize.card import report_summary
 
     if args.force and not args.out:
         raise HubquantError("--force replaces an existing --out folder; it needs --out")
@@ -198,7 +199,6 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _cmd_push(args: argparse.Namespace) -> None:
-    from hubquant.quantize.push import push
 
     url = push(
         args.folder,
@@ -213,7 +213,6 @@ def _cmd_push(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from hubquant.reports import compare
 
     if args.out is None:
         if len(args.results) > 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 
 from hubquant.errors import HubquantError
 
@@ -27,7 +28,6 @@ class Text:
 def pydoc_text() -> str:
     """Real English text that ships with CPython: its documentation topics, keys sorted, joined by
     blank lines."""
-    from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
 

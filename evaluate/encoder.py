@@ -69,9 +69,15 @@ import torch
 import torch.nn.functional as F
 
 from hubquant.errors import HubquantError
+from hubquant.models import load
+from hubquant.models.checkpoint import read_config
+from hubquant.models.encoder import Encoder
+from hubquant.models.tokenizer import read_tokenizer_config
 
+from .driver import environment, folder_bytes, resume, start_row, write_reports
 from .results import Row, results_header, save_results, verdict
 from .scoring import Scores
+from .speed import measure_encode_speed, peak_rss_bytes, weight_bytes
 
 if TYPE_CHECKING:
     from hubquant.models.encoder import Encoder
@@ -144,7 +150,6 @@ def mask_token_id(tokenizer: Tokenizer, folder: Path) -> int:
     Raises:
         HubquantError: the tokenizer has no mask token.
     """
-    from hubquant.models.tokenizer import read_tokenizer_config
 
     mask = read_tokenizer_config(folder).get("mask_token")
     mask = mask.get("content") if isinstance(mask, dict) else mask
@@ -415,11 +420,6 @@ def run_encoder_eval(
     Returns:
         The results, as written to OUT/results.json.
     """
-    from hubquant.models import load
-    from hubquant.models.checkpoint import read_config
-    from hubquant.models.encoder import Encoder
-
-    from .run import _environment, _resume, _write_reports
 
     cfg = family.config(read_config(folder))
     task = "masked-lm" if cfg.mlm_head else "embedding"
@@ -491,10 +491,10 @@ def run_encoder_eval(
     method.update(speed_runs=SPEED_RUNS if speed else 0, encode_batch=ENCODE_BATCH, encode_length=length)
     header = results_header(
         task=task, model_id=model_id, folder=folder, family=family.name, text=text, method=method,
-        environment=_environment(device), budget=budget,
+        environment=environment(device), budget=budget,
     )  # fmt: skip
     results_path = out_path / "results.json"
-    rows = _resume(results_path, header, force)
+    rows = resume(results_path, header, force)
     done = {r.variant for r in rows}
 
     def save() -> dict[str, Any]:
@@ -533,7 +533,7 @@ def run_encoder_eval(
         rows.append(row)
         results = save()
         print(encoder_line(row, task))
-    _write_reports(results, out_path)
+    write_reports(results, out_path)
     print(results["verdict"]["text"])
     print(f"results: {results_path}")
     return results
@@ -555,10 +555,6 @@ def _measure_encoder(
     device: torch.device,
     progress: bool,
 ) -> Row:
-    from hubquant.models.encoder import Encoder
-
-    from .run import _folder_bytes, start_row
-    from .speed import measure_encode_speed, peak_rss_bytes, weight_bytes
 
     row, model, vfolder = start_row(variant, base, base_load_s, folder, out, dtype, device, progress)
     if variant != "base":
@@ -596,7 +592,7 @@ def _measure_encoder(
     if timing_ids is not None:
         for key, value in measure_encode_speed(model, timing_ids, runs=SPEED_RUNS, device=device).items():
             setattr(row, key, value)
-    row.disk_bytes = _folder_bytes(vfolder)
+    row.disk_bytes = folder_bytes(vfolder)
     row.weight_bytes = weight_bytes(model)
     row.peak_rss_bytes = peak_rss_bytes()
     if device.type == "cuda":

@@ -42,20 +42,28 @@ import numbers
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401  lm-eval's own names, which it adds only to an empty registry
 import torch
+from lm_eval import simple_evaluate
+from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
 from hubquant.errors import HubquantError
 from hubquant.models.config import torch_dtype
-from hubquant.models.decoder import Decoder, KVCache
+from hubquant.models.decoder import Decoder
 from hubquant.models.generate import filter_logits
+from hubquant.models.layers import KVCache
 from hubquant.models.tokenizer import Tokenizer
+from hubquant.quantize import quantize
 from hubquant.quantize.registry import method_names
 
 logger = logging.getLogger(__name__)
@@ -220,8 +228,6 @@ class HubquantLM(TemplateLM):
         if tokenizer is None:
             raise HubquantError(f"{self.pretrained} ships no tokenizer.json, so lm-eval cannot feed it text")
         if self.variant != "base":
-            from hubquant.quantize import quantize
-
             quantize(model, self.variant, progress=show)
         return model, tokenizer
 
@@ -510,7 +516,6 @@ class HubquantLM(TemplateLM):
             arg_string: the model args.
             additional_config: the harness's `batch_size`, `max_batch_size`, `device`.
         """
-        from lm_eval.utils import simple_parse_args_string
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
@@ -538,9 +543,6 @@ def check_tasks(tasks: Sequence[str], task_manager: Any = None) -> None:
     Raises:
         HubquantError: naming the unknown ones.
     """
-    from pathlib import Path
-
-    from lm_eval.tasks import TaskManager
 
     manager = task_manager if task_manager is not None else TaskManager()
     unknown = [t for t in tasks if not Path(t).is_file() and not manager.match_tasks([t])]
@@ -582,7 +584,6 @@ def run_tasks(
         "acc_stderr,none": 0.01, ...}}`; the tasks asked for when lm-eval reports each of them
         (a group's aggregate), else every task it ran.
     """
-    from lm_eval import simple_evaluate
 
     if tokenizer is None:
         raise HubquantError("run_tasks needs the model's tokenizer: run_tasks(model, tasks, tokenizer)")
@@ -614,8 +615,6 @@ def register() -> None:
     `import hubquant` has already entered it as a lazy placeholder naming this class; this swaps
     in the class itself, and covers a registry that was somehow left without the placeholder.
     """
-    import lm_eval.models  # noqa: F401  lm-eval's own names, which it adds only to an empty registry
-    from lm_eval.api.registry import model_registry
 
     model_registry.register(MODEL_NAME, target=HubquantLM)
 
@@ -629,7 +628,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 1 on a hubquant error (argparse exits with its own status).
     """
-    from lm_eval.__main__ import cli_evaluate
 
     register()
     if argv is not None:

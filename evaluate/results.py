@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +215,6 @@ def save_results(
     path: Path, header: dict[str, Any], rows: list[Row], judged: dict[str, Any]
 ) -> dict[str, Any]:
     """The header, the rows and the verdict, stamped with the time, written atomically to `path`."""
-    from datetime import datetime, timezone
 
     results = {**header, "rows": [asdict(r) for r in rows], "verdict": judged}
     results["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

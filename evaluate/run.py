@@ -26,19 +26,26 @@ columns to show. Decoders are measured exactly as before.
 from __future__ import annotations
 
 import gc
-import platform
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hubquant.convert import DEFAULT_MODEL_NAME, default_model
 from hubquant.errors import HubquantError
 from hubquant.locks import hold, lock_scope
+from hubquant.models import load
+from hubquant.models.checkpoint import read_config
+from hubquant.models.config import torch_dtype
+from hubquant.models.families import family_for
+from hubquant.models.hub import resolve
+from hubquant.models.loading import torch_device
 from hubquant.quantize.registry import default_variants, method_names
 
 from .data import load_text
+from .driver import device_peaks, environment, folder_bytes, placement, resume, start_row, write_reports
+from .encoder import run_encoder_eval
 from .results import (
     DEFAULT_MAX_KLD,
     DEFAULT_MIN_COSINE,
@@ -52,6 +59,7 @@ from .results import (
     verdict,
 )
 from .scoring import score, windows
+from .speed import measure_speed, peak_rss_bytes, weight_bytes
 
 # The embedded default model is judged on fewer windows, so that `make eval` ends in minutes.
 DEFAULT_MODEL_CHUNKS = 16
@@ -99,55 +107,6 @@ def _check_settings(
         raise HubquantError(f"--max-kld {max_kld} --min-top1 {min_top1}: KLD must be >= 0, top-1 in 0..1")
     if not -1 <= min_cosine <= 1:
         raise HubquantError(f"--min-cosine {min_cosine}: a cosine similarity lies in -1..1")
-
-
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for package in ("hubquant", "torch", "torchao", "bitsandbytes", "transformers", "lm_eval"):
-        try:
-            out[package] = version(package.replace("_", "-"))
-        except PackageNotFoundError:
-            out[package] = None
-    return out
-
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = dict(_versions())
-    env.update(device=device.type, threads=torch.get_num_threads(), python=platform.python_version())
-    env["device_name"] = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine()
-    )
-    return env
-
-
-def _placement(model: torch.nn.Module) -> dict[str, Any]:
-    """The device map the base model was spread with, for the report (nothing without one)."""
-    plan = getattr(model, "hf_device_map", None)
-    if not plan:
-        return {}
-    from hubquant.models.dispatch import describe_device_map
-
-    return {"device_map": describe_device_map(plan)}
-
-
-def _device_peaks(plan: dict[str, Any], rss: int | None) -> dict[str, int]:
-    """Peak memory of each device in a device map: RSS for the CPU (and disk offload's reads),
-    allocated bytes for each GPU."""
-    peaks: dict[str, int] = {}
-    for device in dict.fromkeys(str(d) for d in plan.values()):
-        if device in ("cpu", "disk"):
-            if rss is not None:
-                peaks["cpu"] = rss
-        else:
-            index = int(device.removeprefix("cuda:"))
-            peaks[f"cuda:{index}"] = torch.cuda.max_memory_allocated(index)
-    return peaks
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 @lock_scope
@@ -212,8 +171,6 @@ def run_eval(
     Returns:
         The results (as written to OUT/results.json).
     """
-    from hubquant.models.config import torch_dtype
-    from hubquant.models.loading import torch_device
 
     variants = list(variants or default_variants())
     _check_variants(variants)
@@ -229,14 +186,10 @@ def run_eval(
 
     text = load_text(dataset)
     if model_source is None:
-        from hubquant.convert import DEFAULT_MODEL_NAME, default_model
-
         folder, model_id = default_model(), DEFAULT_MODEL_NAME
         out_path = Path(out) if out else RESULTS_ROOT / model_folder_name("SmolLM2-135M-Instruct")
         max_chunks = DEFAULT_MODEL_CHUNKS if max_chunks is None else max_chunks
     else:
-        from hubquant.models.hub import resolve
-
         folder, model_id = resolve(model_source, revision), str(model_source)
         out_path = Path(out) if out else RESULTS_ROOT / model_folder_name(str(model_source))
     if not (folder / "tokenizer.json").is_file():
@@ -248,16 +201,10 @@ def run_eval(
     hold(out_path)  # one run per OUT (hubquant.locks), until run_eval returns
     clear_temporary_files(out_path)  # what a killed run's writes left; never read
 
-    from hubquant.models import load
-    from hubquant.models.checkpoint import read_config
-    from hubquant.models.families import family_for
-
     family = family_for(read_config(folder))
     if device_map is not None and family.config(read_config(folder)).kind == "encoder":
         raise HubquantError("--device-map applies to decoders; an encoder fits on one device")
     if family.config(read_config(folder)).kind == "encoder":
-        from .encoder import run_encoder_eval
-
         return run_encoder_eval(
             folder=folder,
             model_id=model_id,
@@ -316,10 +263,10 @@ def run_eval(
         method["decode"] = "compiled step (torch.compile, fixed shapes); prefill eager"
     header = results_header(
         task="causal-lm", model_id=model_id, folder=folder, family=family.name, text=text, method=method,
-        environment={**_environment(dev), **_placement(base)}, budget={"max_kld": max_kld, "min_top1": min_top1},
+        environment={**environment(dev), **placement(base)}, budget={"max_kld": max_kld, "min_top1": min_top1},
     )  # fmt: skip
     results_path = out_path / "results.json"
-    rows = _resume(results_path, header, force)
+    rows = resume(results_path, header, force)
     done = {r.variant for r in rows}
 
     def save() -> dict[str, Any]:
@@ -350,7 +297,7 @@ def run_eval(
         rows.append(row)
         results = save()
         print(_line(row))
-    _write_reports(results, out_path)
+    write_reports(results, out_path)
     print(results["verdict"]["text"])
     print(f"results: {results_path}")
     return results
@@ -366,38 +313,6 @@ def _bos(tokenizer: Any, family: Any) -> tuple[int | None, str]:
             f"prepended (id {tokenizer.bos_id})"
         )
     return None, "none (the tokenizer adds none)"
-
-
-def _resume(path: Path, header: dict[str, Any], force: bool) -> list[Row]:
-    """The rows of an earlier run with the same settings; none with --force.
-
-    A results.json that is not one whole file of this schema (not JSON, cut short, rows without a
-    variant...) is never trusted nor a reason to stop: it is kept aside as `results.json.unreadable`
-    and the run starts over. (hubquant itself never leaves one: results.json is replaced atomically.)
-    """
-    import os
-
-    from .results import read_results, rows_of
-
-    if force or not path.is_file():
-        return []
-    try:
-        old = read_results(path)
-        rows = rows_of(old)
-        if not all(isinstance(r.variant, str) and r.variant for r in rows):
-            raise TypeError("a row has no variant name")
-    except (HubquantError, TypeError, AttributeError, ValueError) as error:
-        aside = path.with_name(f"{path.name}.unreadable")
-        os.replace(path, aside)
-        why = "not a results.json of this hubquant" if isinstance(error, HubquantError) else str(error)
-        print(f"{path} could not be read ({why}); kept as {aside.name}, starting over")
-        return []
-    same = all(old.get(key) == header[key] for key in ("model", "dataset", "method", "budget"))
-    if not same:
-        raise HubquantError(
-            f"{path} holds results made with other settings; pass --force to start over, or another --out"
-        )
-    return rows
 
 
 def _measure(
@@ -416,8 +331,6 @@ def _measure(
     compile: bool = False,
 ) -> Row:
 
-    from .speed import measure_speed, peak_rss_bytes, weight_bytes
-
     row, model, vfolder = start_row(variant, base, base_load_s, folder, out, dtype, device, progress)
     s = score(model, wins, base=base, device=device, progress=progress, desc=f"score {variant}").summary()
     for key, value in s.items():
@@ -431,7 +344,7 @@ def _measure(
         from .lm_eval import run_tasks
 
         row.tasks = run_tasks(model, tasks, tokenizer)  # every variant shares the base's tokenizer
-    row.disk_bytes = _folder_bytes(vfolder)
+    row.disk_bytes = folder_bytes(vfolder)
     row.weight_bytes = weight_bytes(model)
     row.peak_rss_bytes = peak_rss_bytes()
     if device.type == "cuda":
@@ -439,7 +352,7 @@ def _measure(
         row.cuda_peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
     plan = getattr(model, "hf_device_map", None)
     if plan:
-        row.device_peak_bytes = _device_peaks(plan, row.peak_rss_bytes)
+        row.device_peak_bytes = device_peaks(plan, row.peak_rss_bytes)
         row.notes.append(
             "peak memory per device: "
             + ", ".join(f"{d} {b / 1e9:.2f} GB" for d, b in row.device_peak_bytes.items())
@@ -448,65 +361,6 @@ def _measure(
         del model
         gc.collect()
     return row
-
-
-def start_row(
-    variant: str,
-    base: torch.nn.Module,
-    base_load_s: float,
-    folder: Path,
-    out: Path,
-    dtype: torch.dtype,
-    device: torch.device,
-    progress: bool,
-) -> tuple[Row, torch.nn.Module, Path]:
-    """A variant's row begun the same way for every kind of model: memory peaks reset, the variant
-    made (streamed into OUT/variants) and loaded, its load time and settings recorded.
-
-    Returns:
-        (the row, the loaded model (the base itself for "base"), the variant's folder).
-    """
-    from hubquant.models import load
-
-    from .speed import reset_peak_rss
-
-    row = Row(variant)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    reset_peak_rss()
-    if variant == "base":
-        row.load_s = base_load_s
-        row.method_settings = {"dtype": str(dtype).removeprefix("torch.")}
-        return row, base, folder
-    vfolder = _make_variant(variant, folder, out, progress)
-    start = time.perf_counter()
-    model, _ = load(vfolder, dtype=dtype, device=device, progress=progress)
-    row.load_s = time.perf_counter() - start
-    report = getattr(model, "quant_report", None)
-    if report is not None:
-        row.method_settings = {"method": report.method, "library": report.library, **report.settings}
-        row.skipped_layers = len(report.skipped)
-    else:
-        row.method_settings = {"source": variant}
-    return row, model, vfolder
-
-
-def _make_variant(variant: str, folder: Path, out: Path, progress: bool) -> Path:
-    """The variant's folder under OUT/variants, made (streamed) unless already complete there."""
-    if variant.startswith("gguf:"):
-        from hubquant.convert import convert
-
-        source = Path(variant[5:]).expanduser()
-        target = out / "variants" / f"gguf-{source.stem}"
-        if not (target / "config.json").is_file():
-            convert(source, target, dtype="bf16", force=True, progress=progress)
-        return target
-    from hubquant.quantize.core import quantize_checkpoint
-
-    target = out / "variants" / variant
-    if not (target / "config.json").is_file():  # folders appear only when complete
-        quantize_checkpoint(folder, target, variant, force=True, progress=progress)
-    return target
 
 
 def _line(row: Row) -> str:
@@ -518,11 +372,3 @@ def _line(row: Row) -> str:
         f"top-1 {f(row.top1_agreement and row.top1_agreement * 100, '.1f')}%  "
         f"decode {f(row.decode_tok_s, '.1f')} tok/s  disk {f(row.disk_bytes and row.disk_bytes / 1e6, '.1f')} MB"
     )
-
-
-def _write_reports(results: dict[str, Any], out: Path) -> None:
-    try:
-        from hubquant.reports import write_report
-    except ImportError:  # the reports package is optional for the figures themselves
-        return
-    write_report(results, out)

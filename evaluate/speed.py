@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from hubquant.quantize.base import tensor_bytes
+
 
 def sync(device: torch.device | str) -> None:
     """Wait for queued work on a CUDA device, so that a clock read after it is true."""
@@ -130,7 +132,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's weights as held at run time: quantized projections as their runtime
     layout holds them (the quantization report's figure), everything else as stored, a tied head
     counted once."""
-    from hubquant.quantize.base import tensor_bytes
 
     report = getattr(model, "quant_report", None)
     quantized = {r.name: r.runtime_bytes for r in report.layers if not r.skipped} if report else {}

@@ -34,13 +34,15 @@ import os
 import socket
 import threading
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubquantError
 from hubquant.quantize.registry import default_variants
+from hubquant.reports import compare
 
-from .results import model_folder_name
+from .results import Row, model_folder_name, read_results, rows_of, save_results, verdict
 
 SPEC_KEYS = ("models", "variants", "dataset", "eval", "out")
 # `run_eval` settings a sweep file may give under `eval:` (everything but where and what).
@@ -143,7 +145,6 @@ def _cuda_available() -> bool:
 def _merge(model_out: Path, task_results: list[dict[str, Any]], variants: list[str]) -> dict[str, Any] | None:
     """Rows of the finished tasks (and of earlier runs) into OUT/<model>/results.json, in the sweep's
     variant order, with the verdict and the reports, written atomically by this one process."""
-    from .results import Row, read_results, rows_of, save_results, verdict
     from .run import _write_reports
 
     path = model_out / "results.json"
@@ -199,8 +200,6 @@ def run_sweep(
         path = root / model_folder_name(model) / "results.json"
         done = set()
         if path.is_file():
-            from .results import read_results
-
             done = {r["variant"] for r in read_results(path).get("rows", [])}
         for variant in spec["variants"]:
             (skipped if variant in done else todo).append((model, variant))
@@ -222,8 +221,6 @@ def run_sweep(
     ]
     report = None
     if result_files:
-        from hubquant.reports import compare
-
         report = [str(p) for p in compare(result_files, root)]
     summary = {
         "models": spec["models"],
@@ -342,8 +339,6 @@ def _connect(ray: Any, address: str) -> None:
     if target is not None:
         address, host, port = target
         if address.startswith("ray://"):
-            from importlib.util import find_spec
-
             if find_spec("grpc") is None:
                 raise HubquantError(
                     f"--address {address} needs Ray Client: pip install 'hubquant[scale]' "

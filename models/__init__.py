@@ -13,11 +13,12 @@ from hubquant import _LazyPackage
 
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
     from .config import ModelConfig, RopeConfig
-    from .decoder import Decoder, KVCache
+    from .decoder import Decoder
     from .embed import embed
     from .encoder import Encoder, build_model
     from .families import Family, family_for, register, supported_architectures
     from .generate import generate
+    from .layers import KVCache
     from .loading import load
     from .tokenizer import Tokenizer
 
@@ -28,7 +29,7 @@ _LAZY: dict[str, str] = {
     "build_model": "encoder",
     "embed": "embed",
     "Family": "families",
-    "KVCache": "decoder",
+    "KVCache": "layers",
     "ModelConfig": "config",
     "RopeConfig": "config",
     "Tokenizer": "tokenizer",

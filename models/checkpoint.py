@@ -17,6 +17,7 @@ from torch import nn
 from hubquant.errors import HubquantError
 from hubquant.files import read_json
 
+from .encoder import expected_tensors
 from .families import Family
 from .hub import BIN, BIN_INDEX, CONFIG, SAFETENSORS, SAFETENSORS_INDEX, read_weight_map
 from .safetensors_file import SafetensorsFile
@@ -75,14 +76,6 @@ def hub_tensor_names(folder: Path, shards: dict[str, list[str] | None]) -> set[s
         except OSError as error:
             raise HubquantError(f"cannot read {folder / shard}: {error}") from None
     return names
-
-
-def expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and persistent buffer by canonical name (tied ones once)."""
-    persistent = set(model.state_dict(keep_vars=True))
-    tensors = dict(model.named_parameters())
-    tensors.update((n, b) for n, b in model.named_buffers() if n in persistent)
-    return tensors
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -162,8 +155,6 @@ def load_weights(
                         )
                     target = device
                     if placement is not None:
-                        from .dispatch import as_torch_device
-
                         where = placement(canonical)
                         if where == "disk":
                             _check_shape(f, hub_name, expected[canonical], shard)
@@ -223,3 +214,8 @@ def _load_one(
         tensor = f.read(hub_name)
         tensor = tensor.to(dtype) if cast else tensor
     _assign(model, canonical, tensor.to(device))
+
+
+def as_torch_device(device: str | int) -> torch.device:
+    """A device_map value as a torch device (an integer is a CUDA index, as accelerate writes it)."""
+    return torch.device(f"cuda:{device}") if isinstance(device, int) else torch.device(device)

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hubquant.errors import HubquantError
 
-from .decoder import Decoder, KVCache, drop_stale_fusions
+from .layers import KVCache, drop_stale_fusions
+
+if TYPE_CHECKING:
+    from .decoder import Decoder
 
 
 def compile_cache_dir() -> Path:

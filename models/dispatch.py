@@ -12,6 +12,7 @@ the offload folder), so the whole model is never held in RAM.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import weakref
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from hubquant.errors import HubquantError
+
+from .encoder import expected_tensors
 
 # Module classes a device boundary never cuts through.
 NO_SPLIT = ["Block", "EncoderBlock"]
@@ -58,7 +61,6 @@ def _parse_memory(max_memory: dict[Any, Any] | None) -> dict[Any, int] | None:
 
 def model_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of every parameter and buffer in `dtype` (floating ones) or as they are (others)."""
-    from .checkpoint import expected_tensors
 
     size = torch.tensor([], dtype=dtype).element_size()
     return sum(
@@ -137,7 +139,6 @@ def placement(plan: DeviceMap) -> Callable[[str], str | int]:
 def describe_device_map(plan: DeviceMap) -> str:
     """Which modules live where, in one line: "0: embed, layers 0-15; cpu: layers 16-31, norm,
     lm_head; disk: ..." (runs of consecutive layers collapsed)."""
-    import re
 
     by_device: dict[str, list[str]] = {}
     for name, device in plan.items():
@@ -155,10 +156,6 @@ def describe_device_map(plan: DeviceMap) -> str:
         text = [f"layers {a}-{b}" if a != b else f"layer {a}" for a, b in runs]
         parts.append(f"{device}: {', '.join(others[:1] + text + others[1:]) or '-'}")
     return "; ".join(parts)
-
-
-def as_torch_device(device: str | int) -> torch.device:
-    return torch.device(f"cuda:{device}") if isinstance(device, int) else torch.device(device)
 
 
 class Offload:

@@ -28,7 +28,8 @@ from torch import nn
 from hubquant.errors import HubquantError
 
 from .config import ModelConfig
-from .decoder import _ACTIVATIONS, MLP, Attention
+from .decoder import Decoder
+from .layers import _ACTIVATIONS, MLP, Attention
 
 
 @dataclass
@@ -190,6 +191,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     to allocate nothing)."""
     if cfg.kind == "encoder":
         return Encoder(cfg)
-    from .decoder import Decoder
-
     return Decoder(cfg)
+
+
+def expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer by canonical name (tied ones once)."""
+    persistent = set(model.state_dict(keep_vars=True))
+    tensors = dict(model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if n in persistent)
+    return tensors

@@ -7,12 +7,17 @@ temperature, then top-k, then top-p, on fp32 logits (`filter_logits`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from hubquant.errors import HubquantError
 
-from .decoder import Decoder, KVCache
+from .compiled import advance, bucketed, compiled_step
+from .layers import KVCache
+
+if TYPE_CHECKING:
+    from .decoder import Decoder
 
 
 def filter_logits(
@@ -126,8 +131,6 @@ def generate(
     step_fn = slot = None
     length = seq + max_new_tokens
     if compile:
-        from .compiled import bucketed, compiled_step
-
         step_fn, length = compiled_step(model), bucketed(length)
     cache = KVCache(model.config, batch, length, model.dtype, input_ids.device)
     stop = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
@@ -144,8 +147,6 @@ def generate(
                 break
         if step + 1 < max_new_tokens:
             if step_fn is not None:
-                from .compiled import advance
-
                 if slot is None:
                     slot = torch.tensor([cache.length], device=input_ids.device)
                 logits = step_fn(model, token[:, None], cache, slot)

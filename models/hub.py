@@ -14,9 +14,11 @@ from __future__ import annotations
 import glob
 import json
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Literal
+from urllib.parse import urlsplit
 
 from hubquant.errors import HubquantError
 from hubquant.files import read_json
@@ -254,7 +256,6 @@ def _unreachable(repo: str, failure: BaseException) -> HubquantError:
 
 def hub_endpoint() -> str:
     """The Hub endpoint huggingface_hub talks to (HF_ENDPOINT), without any user:password@."""
-    from urllib.parse import urlsplit
 
     from huggingface_hub import constants
 
@@ -305,7 +306,6 @@ def transport_failure(error: BaseException) -> BaseException | None:
 
 
 def _is_transport_failure(error: BaseException) -> bool:
-    import socket
 
     from huggingface_hub import errors
 

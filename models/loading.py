@@ -11,13 +11,19 @@ import torch
 
 from hubquant.errors import HubquantError
 from hubquant.files import read_json
+from hubquant.memory import check_memory
+from hubquant.quantize.loading import load_quantized
 
 from .checkpoint import hub_tensor_names, load_weights, read_config, shard_files
 from .config import torch_dtype
-from .decoder import Decoder, fuse_projections
+from .decoder import Decoder
+from .dispatch import Offload, dispatch, placement, plan_device_map
 from .encoder import Encoder, build_model
 from .families import family_for
 from .hub import resolve
+from .layers import fuse_projections
+from .safetensors_file import SafetensorsFile
+from .sentence import read_sentence_config
 from .tokenizer import Tokenizer, eos_token_ids
 
 
@@ -88,8 +94,6 @@ def load(
         model = build_model(cfg)
     plan = offload = None
     if device_map is not None:
-        from .dispatch import Offload, placement, plan_device_map
-
         if hf_config.get("quantization_config"):
             raise HubquantError("device_map applies to unquantized checkpoints; load the base model with it")
         plan = plan_device_map(model, device_map, max_memory, dtype)
@@ -97,7 +101,6 @@ def load(
     if hf_config.get("quantization_config"):
         # A variant made by `hubquant quantize` (or by transformers): rebuilt as saved, never
         # re-quantized, then repacked into the fastest layout for `device`.
-        from hubquant.quantize.loading import load_quantized
 
         load_quantized(
             model, family, folder, hf_config, dtype=dtype, device=device, shards=shards, progress=progress
@@ -116,8 +119,6 @@ def load(
             offload=offload,
         )
         if plan is not None:
-            from .dispatch import dispatch
-
             if offload is not None:
                 offload.finish(model)
             dispatch(model, plan, offload)
@@ -125,8 +126,6 @@ def load(
         fuse_projections(model)
     model.eval()
     if isinstance(model, Encoder):
-        from .embed import read_sentence_config
-
         model.sentence = read_sentence_config(folder, cfg)
         model.tokenizer = tokenizer
     return model, tokenizer
@@ -141,7 +140,6 @@ def weights_bytes(folder: Path, shards: dict[str, list[str] | None], dtype: torc
         shards: `shard_files(folder)`.
         dtype: the dtype floating tensors are cast to.
     """
-    from .safetensors_file import SafetensorsFile
 
     total = largest = 0
     for shard in shards:
@@ -176,7 +174,6 @@ def check_load_memory(
         device: where the weights go.
         quantized: the checkpoint is a quantized variant already.
     """
-    from hubquant.memory import check_memory
 
     total, largest = weights_bytes(folder, shards, dtype)
     # Read into CPU memory tensor by tensor: on a GPU, the CPU holds one tensor at a time.

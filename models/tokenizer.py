@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from hubquant.errors import HubquantError
+from hubquant.files import read_json
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 
@@ -88,7 +89,6 @@ def read_tokenizer_config(folder: Path) -> dict[str, Any]:
     Args:
         folder: the checkpoint folder.
     """
-    from hubquant.files import read_json
 
     path = folder / "tokenizer_config.json"
     config = read_json(path, "tokenizer_config.json") if path.is_file() else {}

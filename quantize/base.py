@@ -6,12 +6,11 @@ metadata represent that module on disk, writes the `quantization_config` transfo
 config.json, and rebuilds the runtime module from saved tensors. Everything else (walking the model layer by layer, streaming
 a checkpoint, writing shards atomically, the model card) is shared and lives in `core.py`.
 
-Methods are registered by name, like families are; `registry.py` finds them in this folder.
+Methods are marked with `@register_method`; `registry.py` finds them in this folder and names them.
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,62 +19,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hubquant.errors import HubquantError
-
-from . import registry
-
-_METHODS: dict[str, type[Method]] = {}
-
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make `cls` the method of its `name`."""
-    _METHODS[cls.name] = cls
+    """Class decorator: mark `cls` as a quantization method. `registry.py` finds the marked classes
+    in this folder's source and reads their literal class attributes; nothing is registered at run
+    time, so that no list of methods depends on which modules happen to be imported."""
+    if not isinstance(cls.__dict__.get("name"), str):
+        raise TypeError(f"{cls.__name__}: a method class states its name as a literal class attribute")
     return cls
-
-
-def method_names() -> list[str]:
-    """The registered methods' names (the registry's order)."""
-    return registry.method_names()
-
-
-def get_method(name: str, **settings: Any) -> Method:
-    """The method registered as `name`, configured with `settings` (group_size, hqq...).
-
-    Raises:
-        HubquantError: for an unknown name or settings the method refuses.
-    """
-    _import_methods()
-    cls = _METHODS.get(name)
-    if cls is None:
-        raise HubquantError(
-            f"quantization method '{name}' is unknown; use one of {', '.join(method_names())}"
-        )
-    return cls(**settings)
-
-
-def method_from_hf_config(quantization_config: dict[str, Any]) -> Method:
-    """The method (with its settings) that wrote a checkpoint's `quantization_config`.
-
-    Raises:
-        HubquantError: for a quantization hubquant does not read.
-    """
-    _import_methods()
-    for cls in _METHODS.values():
-        method = cls.from_hf_config(quantization_config)
-        if method is not None:
-            return method
-    kind = quantization_config.get("quant_method", "?")
-    raise HubquantError(
-        f"config.json's quantization_config ({kind}) is not one hubquant reads; "
-        f"hubquant reads its own variants: {', '.join(method_names())}"
-    )
-
-
-def _import_methods() -> None:
-    # The method modules register themselves when imported: those the registry's table names,
-    # on first use, so that importing this module imports no method's library.
-    for module in sorted({info.module for info in registry.methods().values()}):
-        importlib.import_module(module)
 
 
 @dataclass

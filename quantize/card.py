@@ -29,6 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hubquant import __version__
+
 from .registry import MethodInfo, methods
 
 if TYPE_CHECKING:
@@ -597,9 +599,16 @@ def _model_index(results: Mapping[str, Any], variant: str, name: str) -> list[di
             metrics.append(entry)
     if not metrics:
         return None
-    hub_dataset = {"name": dataset, "type": dataset, **_HUB_DATASETS.get(dataset, {})}
-    result = {"task": {"type": _HUB_TASKS[task]}, "dataset": hub_dataset, "metrics": metrics}
-    return [{"name": name, "results": [result]}]
+    hub_dataset: dict[str, Any] = {"name": dataset, "type": dataset, **_HUB_DATASETS.get(dataset, {})}
+    sha256 = _mapping(results.get("dataset")).get("sha256")
+    if isinstance(sha256, str) and sha256:
+        hub_dataset["args"] = {"sha256": sha256}  # the exact text scored
+    result: dict[str, Any] = {"task": {"type": _HUB_TASKS[task]}, "dataset": hub_dataset, "metrics": metrics}
+    entry: dict[str, Any] = {"name": name, "results": [result]}
+    verdict = _mapping(results.get("verdict")).get("text")
+    if isinstance(verdict, str) and verdict:
+        entry["verdict"] = verdict  # the run's recommendation (the Hub's parser reads past it)
+    return [entry]
 
 
 def _index_name(repo_id: str | None, base_name: str, variant: str) -> str:
@@ -681,8 +690,6 @@ def render_card(
             the table, no `model-index`).
     """
     from markupsafe import Markup
-
-    from hubquant import __version__
 
     data = report_dict(report)
     method = methods().get(data["method"]) or MethodInfo(

@@ -16,6 +16,7 @@ layer is read. The folder is built under a temporary name and renamed into place
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -26,8 +27,23 @@ import torch
 from torch import nn
 
 from hubquant.errors import HubquantError
+from hubquant.memory import check_memory
+from hubquant.models.config import torch_dtype
+from hubquant.models.dispatch import placement, plan_device_map
+from hubquant.models.encoder import build_model, expected_tensors
+from hubquant.models.hub import (
+    OPTIONAL_FILES,
+    SAFETENSORS_INDEX,
+    SENTENCE_FILES,
+    SLOW_TOKENIZER_FILES,
+    resolve,
+    sentence_module_paths,
+)
+from hubquant.models.layers import fuse_projections, unfuse_views
 
-from .base import LayerRecord, Method, QuantReport, get_method, tensor_bytes
+from .base import LayerRecord, Method, QuantReport, tensor_bytes
+from .card import write_card
+from .registry import get_method
 
 # Projections of a layer (decoder or encoder), by canonical module name; all of them are quantized.
 PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
@@ -155,7 +171,6 @@ def quantize(
             raise HubquantError(f"--group-size and --hqq apply to int4 only, not to {method}")
         method = get_method(method, **settings)
     _check_head(model, include_head)
-    from hubquant.models.decoder import fuse_projections, unfuse_views
 
     report = new_report(method)
     unfuse_views(model)  # each layer's full-precision bytes are freed as its projections are replaced
@@ -219,9 +234,7 @@ def quantize_checkpoint(
     """
     from hubquant.convert.writer import check_out, staging
     from hubquant.models.checkpoint import read_config, shard_files
-    from hubquant.models.config import torch_dtype
     from hubquant.models.families import family_for
-    from hubquant.models.hub import resolve
 
     target_dtype = torch_dtype(dtype)
     out = Path(out).expanduser().absolute()
@@ -239,8 +252,6 @@ def quantize_checkpoint(
     streamer = _LayerStreamer(folder, family, hf_config, shard_files(folder), target_dtype)
     _check_head(streamer.model, include_head)
     if device_map is not None:
-        from hubquant.models.dispatch import plan_device_map
-
         streamer.plan = plan_device_map(streamer.model, device_map, max_memory, target_dtype)
     else:
         _check_streaming_memory(streamer, source, target_dtype)
@@ -253,7 +264,6 @@ def quantize_checkpoint(
 def _check_streaming_memory(streamer: _LayerStreamer, source: str | Path, dtype: torch.dtype) -> None:
     """Refuse, before anything is read, a checkpoint whose largest layer (or embeddings and head)
     cannot be held twice in the base dtype: the peak of streaming, one group at a time."""
-    from hubquant.memory import check_memory
 
     def group_bytes(names: list[str]) -> int:
         total = 0
@@ -282,8 +292,7 @@ class _LayerStreamer:
     def __init__(
         self, folder: Path, family: Any, hf_config: dict[str, Any], shards: dict, dtype: torch.dtype
     ):
-        from hubquant.models.checkpoint import expected_tensors, hub_tensor_names
-        from hubquant.models.encoder import build_model
+        from hubquant.models.checkpoint import hub_tensor_names
         from hubquant.models.safetensors_file import SafetensorsFile
 
         self.folder, self.family, self.dtype = folder, family, dtype
@@ -320,7 +329,6 @@ class _LayerStreamer:
         """Move a materialized layer to the GPU its device map gives it (CPU and disk: stay)."""
         if self.plan is None:
             return
-        from hubquant.models.dispatch import placement
 
         where = placement(self.plan)(f"layers.{layer}.")
         if isinstance(where, int):
@@ -468,17 +476,6 @@ def _write_metadata(
     streamer: _LayerStreamer,
     source: str | Path,
 ) -> None:
-    import shutil
-
-    from hubquant.models.hub import (
-        OPTIONAL_FILES,
-        SAFETENSORS_INDEX,
-        SENTENCE_FILES,
-        SLOW_TOKENIZER_FILES,
-        sentence_module_paths,
-    )
-
-    from .card import write_card
 
     family = streamer.family
     # Every Linear left in the base dtype, by Hub name: skipped projections, the head unless it

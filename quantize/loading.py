@@ -13,9 +13,11 @@ from torch import nn
 
 from hubquant.errors import HubquantError
 from hubquant.files import read_json
+from hubquant.models.layers import fuse_projections
 
-from .base import LayerRecord, QuantReport, method_from_hf_config
+from .base import LayerRecord, QuantReport
 from .core import HEAD, _set, _Target, hub_module, linear_names
+from .registry import method_from_hf_config
 
 
 def _targets(model: nn.Module, family: Any) -> dict[str, _Target]:
@@ -123,7 +125,6 @@ def load_quantized(
         for layer in report.layers:
             layer.runtime_bytes = measured.get(layer.name, layer.runtime_bytes)
     model.quant_report = report
-    from hubquant.models.decoder import fuse_projections
 
     fuse_projections(model, method.fuse)  # q/k/v and gate/up as one product each, where it can
     return report

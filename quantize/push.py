@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubquantError
+from hubquant.evaluate.results import read_results  # the one reader; light (no torch)
 from hubquant.files import read_json
 from hubquant.models.hub import hub_endpoint, transport_failure
 
@@ -113,7 +114,6 @@ class Figures:
 
 
 def _read_results(path: Path) -> dict[str, Any]:
-    from hubquant.evaluate.results import read_results  # the one reader; light (no torch)
 
     return read_results(path)
 

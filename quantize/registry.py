@@ -5,8 +5,8 @@ Its plain facts are literal class attributes: `name`, `library`, `bits`, `title`
 format stores), `sizes` (how disk and run-time bytes relate), `repacks` (hubquant.load changes the
 layout for the device) and `default_eval` (`hubquant eval` makes it when no `--variants` is given).
 This module reads them from the source with `ast`, so that `--help`, the model card and every list of
-variants name the methods without importing torch, torchao or bitsandbytes; `base.get_method`
-imports the modules named here and returns the classes themselves. A test checks that the two agree.
+variants name the methods without importing torch, torchao or bitsandbytes; `get_method` imports
+the one module a method lives in, when the method is used. A test checks that table and classes agree.
 
 Adding a method is its own file (or a class in one) and its tests: nothing here names a method.
 """
@@ -15,9 +15,15 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from hubquant.errors import HubquantError
+
+if TYPE_CHECKING:
+    from .base import Method
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class MethodInfo:
     Attributes:
         name: the method's name ("int4"), as `--method` and `--variants` take it.
         module: the module that defines it ("hubquant.quantize.nf4").
+        class_name: the class in that module ("NF4").
         library: the library that runs it ("torchao", "bitsandbytes").
         bits: bits per weight value.
         title: a short title for the card ("int4 weight-only").
@@ -37,6 +44,7 @@ class MethodInfo:
 
     name: str
     module: str
+    class_name: str
     library: str
     bits: int
     title: str
@@ -46,7 +54,7 @@ class MethodInfo:
     default_eval: bool = True
 
 
-_FIELDS = {f.name for f in fields(MethodInfo)} - {"module"}
+_FIELDS = {f.name for f in fields(MethodInfo)} - {"module", "class_name"}
 _REQUIRED = ("name", "library", "bits", "title", "about", "sizes")
 
 
@@ -74,6 +82,46 @@ def default_variants() -> tuple[str, ...]:
     return ("base", *(name for name, info in methods().items() if info.default_eval))
 
 
+def method_class(name: str) -> type[Method]:
+    """The class of the method `name`, its module imported now (torch and the method's library).
+
+    Raises:
+        HubquantError: for an unknown name, listing the known ones.
+    """
+    info = methods().get(name)
+    if info is None:
+        raise HubquantError(
+            f"quantization method '{name}' is unknown; use one of {', '.join(method_names())}"
+        )
+    return getattr(importlib.import_module(info.module), info.class_name)
+
+
+def get_method(name: str, **settings: Any) -> Method:
+    """The method `name`, configured with `settings` (group_size, hqq...).
+
+    Raises:
+        HubquantError: for an unknown name or settings the method refuses.
+    """
+    return method_class(name)(**settings)
+
+
+def method_from_hf_config(quantization_config: dict[str, Any]) -> Method:
+    """The method (with its settings) that wrote a checkpoint's `quantization_config`.
+
+    Raises:
+        HubquantError: for a quantization hubquant does not read.
+    """
+    for name in methods():
+        method = method_class(name).from_hf_config(quantization_config)
+        if method is not None:
+            return method
+    kind = quantization_config.get("quant_method", "?")
+    raise HubquantError(
+        f"config.json's quantization_config ({kind}) is not one hubquant reads; "
+        f"hubquant reads its own variants: {', '.join(method_names())}"
+    )
+
+
 def _read_module(path: Path, module: str) -> list[MethodInfo]:
     source = path.read_text(encoding="utf-8")
     if "register_method" not in source:
@@ -93,7 +141,7 @@ def _read_module(path: Path, module: str) -> list[MethodInfo]:
             raise RuntimeError(
                 f"{path}: method class {cls.name} must state {', '.join(missing)} as literal class attributes"
             )
-        found.append(MethodInfo(module=module, **known))
+        found.append(MethodInfo(module=module, class_name=cls.name, **known))
     return found
 
 

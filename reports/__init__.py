@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubquantError
+from hubquant.evaluate.results import read_results
 from hubquant.files import write_text_atomic
 
 from .html import render_comparison_html, render_html, write_html
-from .tables import combined_frame, frame_csv, to_frame, write_csv
+from .tables import checked_rows, combined_frame, frame_csv, to_frame, write_csv
 
 __all__ = ["compare", "render_html", "to_frame", "write_csv", "write_html", "write_report"]
 
@@ -55,9 +56,6 @@ def compare(results_paths: Sequence[str | Path], out_dir: str | Path) -> tuple[P
     Raises:
         HubquantError: a file is missing, is not JSON, or is not a results.json of this schema.
     """
-    from hubquant.evaluate.results import read_results
-
-    from .tables import checked_rows
 
     if not results_paths:
         raise HubquantError("no results.json given; pass one or more results.json files of `hubquant eval`")

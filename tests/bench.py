@@ -604,7 +604,7 @@ def _linear_bytes(module: torch.nn.Module) -> int:
 def gemv_floor(model: torch.nn.Module) -> tuple[float, int]:
     """(seconds, bytes) per token of the weight products alone: every projection group as the
     model runs it (fused where fused) and the head, on one token, nothing else."""
-    from hubquant.models.decoder import MLP, Attention
+    from hubquant.models.layers import MLP, Attention
 
     calls: list = []
     nbytes = 0

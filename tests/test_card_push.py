@@ -769,7 +769,12 @@ def test_push_of_an_eval_variant_carries_its_figures_and_the_bases(tmp_path, hub
     assert entry["name"] == REPO.split("/")[1]
     (result,) = entry["results"]
     assert result["task"] == {"type": "text-generation"}
-    assert result["dataset"] == {"name": dataset["name"], "type": dataset["name"]}
+    assert result["dataset"] == {
+        "name": dataset["name"],
+        "type": dataset["name"],
+        "args": {"sha256": dataset["sha256"]},
+    }
+    assert entry["verdict"] == results["verdict"]["text"]
     metrics = hub_metrics(card)
     expected = {
         "Perplexity (int4)": int4["ppl"],

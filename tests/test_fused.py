@@ -8,8 +8,8 @@ import torch
 from conftest import CASES, packed_nf4_kernel, sample_ids
 
 import hubquant
-from hubquant.models.decoder import FusedView, fuse_projections, unfuse_views
-from hubquant.quantize.base import get_method
+from hubquant.models.layers import FusedView, fuse_projections, unfuse_views
+from hubquant.quantize.registry import get_method
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -31,9 +31,9 @@ from torch import nn
 
 import hubquant
 from hubquant.errors import HubquantError
-from hubquant.quantize.base import get_method, method_from_hf_config
 from hubquant.quantize.core import quantize, quantize_checkpoint
 from hubquant.quantize.nf4 import BLOCK_SIZE, NF4
+from hubquant.quantize.registry import get_method, method_from_hf_config
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")

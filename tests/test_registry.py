@@ -16,20 +16,33 @@ from hubquant.quantize import registry
 from hubquant.quantize.registry import MethodInfo
 
 
-def test_table_equals_the_registered_classes() -> None:
-    from hubquant.quantize import base
+def test_table_equals_the_method_classes() -> None:
+    import importlib
+    import inspect
+    import pkgutil
+
+    import hubquant.quantize as package
+    from hubquant.quantize.base import Method
 
     table = registry.methods()
     assert {"int4", "nf4", "int8", "fp8"} <= set(table)
     for name, info in table.items():
-        cls = type(base.get_method(name))
-        assert cls.__module__ == info.module, name
+        cls = type(registry.get_method(name))
+        assert (cls.__module__, cls.__name__) == (info.module, info.class_name), name
         for f in fields(MethodInfo):
-            if f.name != "module":
+            if f.name not in ("module", "class_name"):
                 assert getattr(cls, f.name) == getattr(info, f.name), (name, f.name)
-    # Every class that registered itself is in the table (nothing registers behind its back).
-    assert sorted(base._METHODS) == sorted(table)
-    assert base.method_names() == list(table)
+    # Every concrete method class in the folder is in the table (none is missed by the reader).
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+    seen, stack = set(), [Method]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            stack.append(sub)
+            if not inspect.isabstract(sub) and sub.__module__.startswith(package.__name__):
+                seen.add(sub.name)
+    assert seen == set(table)
+    assert registry.method_names() == list(table)
 
 
 def test_table_is_read_without_torch() -> None:
@@ -69,7 +82,16 @@ def test_reader_follows_bases_in_the_module_and_refuses_a_method_without_its_fac
     )
     (info,) = registry._read_module(path, "pkg.int3")
     assert info == MethodInfo(
-        "int3", "pkg.int3", "somelib", 3, "int3", "three bits", "the same on disk and in memory", False, False
+        "int3",
+        "pkg.int3",
+        "Int3",
+        "somelib",
+        3,
+        "int3",
+        "three bits",
+        "the same on disk and in memory",
+        False,
+        False,
     )
     path.write_text(
         "from .base import register_method\n@register_method\nclass X:\n    name = 'x'\n    bits = 2\n"
@@ -82,7 +104,7 @@ def test_reader_follows_bases_in_the_module_and_refuses_a_method_without_its_fac
 def int3(monkeypatch: pytest.MonkeyPatch) -> MethodInfo:
     """A method added to the table: what a new method's file adds, and nothing else."""
     table = dict(registry.methods())
-    info = MethodInfo("int3", "pkg.int3", "somelib", 3, "int3 weight-only", "three bits", "same")
+    info = MethodInfo("int3", "pkg.int3", "Int3", "somelib", 3, "int3 weight-only", "three bits", "same")
     table = {"int3": info, **table}
     monkeypatch.setattr(registry, "methods", lambda: table)
     return info

@@ -94,7 +94,7 @@ from hubquant.cli import main
 for module in sys.argv[2].split(","):
     importlib.import_module(module)
 if sys.argv[3] == "quantize":
-    from hubquant.quantize.base import get_method
+    from hubquant.quantize.registry import get_method
     get_method("int8")  # torchao
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 limit = int(sys.argv[1])

@@ -550,8 +550,7 @@ class Family:
 def _hub_shapes(family: type[Family], config_json: str) -> dict[str, tuple[int, ...]]:
     import torch
 
-    from ..checkpoint import expected_tensors
-    from ..encoder import build_model
+    from ..encoder import build_model, expected_tensors
 
     with torch.device("meta"):
         model = build_model(family.config(json.loads(config_json)))

@@ -13,6 +13,7 @@ biases and uses the decoder's). No GGUF side: llama.cpp's `bert` is not read.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 from hubquant.errors import HubquantError
@@ -142,7 +143,6 @@ class Bert(Family):
     def adapt(cls, cfg: ModelConfig, hub_names: set[str]) -> ModelConfig:
         """A `BertModel` saved without its pooler (`add_pooling_layer=False`) is built without one,
         rather than with a random one as transformers does."""
-        import dataclasses
 
         if cls.pooler and not cls.nsp and not any(n.endswith("pooler.dense.weight") for n in hub_names):
             return dataclasses.replace(cfg, pooler=False)

@@ -45,10 +45,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lm_eval.__main__ as lm_eval_cli
 import lm_eval.models  # noqa: F401  lm-eval's own names, which it adds only to an empty registry
 import torch
 from lm_eval import simple_evaluate
-from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
@@ -633,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     try:
-        cli_evaluate()
+        lm_eval_cli.cli_evaluate()  # looked up at call time (tests cut it short)
     except HubquantError as error:
         print(f"hubquant: error: {error}", file=sys.stderr)
         return 1

@@ -145,7 +145,7 @@ def _cuda_available() -> bool:
 def _merge(model_out: Path, task_results: list[dict[str, Any]], variants: list[str]) -> dict[str, Any] | None:
     """Rows of the finished tasks (and of earlier runs) into OUT/<model>/results.json, in the sweep's
     variant order, with the verdict and the reports, written atomically by this one process."""
-    from .run import _write_reports
+    from .driver import write_reports
 
     path = model_out / "results.json"
     rows: dict[str, Row] = {}
@@ -171,7 +171,7 @@ def _merge(model_out: Path, task_results: list[dict[str, Any]], variants: list[s
     else:
         judged = verdict(ordered, budget.get("max_kld", 0.05), budget.get("min_top1", 0.9))
     merged = save_results(path, header, ordered, judged)
-    _write_reports(merged, model_out)
+    write_reports(merged, model_out)
     return merged
 
 

@@ -111,7 +111,6 @@ def parse_max_memory(text: str | None) -> dict[str | int, str] | None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-
     summary = run_sweep(args.spec, address=args.address, out=args.out)
     if summary["failed"]:
         raise HubquantError(
@@ -166,7 +165,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-
     if args.force and not args.out:
         raise HubquantError("--force replaces an existing --out folder; it needs --out")
     options = dict(group_size=args.group_size, hqq=args.hqq, include_head=args.include_head)
@@ -199,7 +197,6 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _cmd_push(args: argparse.Namespace) -> None:
-
     url = push(
         args.folder,
         args.repo_id,
@@ -213,7 +210,6 @@ def _cmd_push(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-
     if args.out is None:
         if len(args.results) > 1:
             raise HubquantError("several results files need --out DIR: where to write the combined report")

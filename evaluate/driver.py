@@ -1,6 +1,6 @@
 """The steps every kind of evaluation shares, one variant at a time: resume an earlier run, make
-the variant (streamed into OUT/variants) and load it, begin its row, record the machine, write
-the reports. `run.py` (decoders) and `encoder.py` (encoders) measure; this module does the rest.
+the variant (streamed into OUT/variants) and load it, begin its row, record the machine.
+`run.py` (decoders) and `encoder.py` (encoders) measure and write the reports.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from hubquant.errors import HubquantError
 from hubquant.models.dispatch import describe_device_map
 from hubquant.models.loading import load
 from hubquant.quantize.core import quantize_checkpoint
-from hubquant.reports import write_report
 
 from .results import Row, read_results, rows_of
 from .speed import reset_peak_rss
@@ -153,7 +152,3 @@ def make_variant(variant: str, folder: Path, out: Path, progress: bool) -> Path:
     if not (target / "config.json").is_file():  # folders appear only when complete
         quantize_checkpoint(folder, target, variant, force=True, progress=progress)
     return target
-
-
-def write_reports(results: dict[str, Any], out: Path) -> None:
-    write_report(results, out)

@@ -73,14 +73,14 @@ from hubquant.models import load
 from hubquant.models.checkpoint import read_config
 from hubquant.models.encoder import Encoder
 from hubquant.models.tokenizer import read_tokenizer_config
+from hubquant.reports import write_report
 
-from .driver import environment, folder_bytes, resume, start_row, write_reports
+from .driver import environment, folder_bytes, resume, start_row
 from .results import Row, results_header, save_results, verdict
 from .scoring import Scores
 from .speed import measure_encode_speed, peak_rss_bytes, weight_bytes
 
 if TYPE_CHECKING:
-    from hubquant.models.encoder import Encoder
     from hubquant.models.tokenizer import Tokenizer
 
     from .data import Text
@@ -533,7 +533,7 @@ def run_encoder_eval(
         rows.append(row)
         results = save()
         print(encoder_line(row, task))
-    write_reports(results, out_path)
+    write_report(results, out_path)
     print(results["verdict"]["text"])
     print(f"results: {results_path}")
     return results
@@ -555,7 +555,6 @@ def _measure_encoder(
     device: torch.device,
     progress: bool,
 ) -> Row:
-
     row, model, vfolder = start_row(variant, base, base_load_s, folder, out, dtype, device, progress)
     if variant != "base":
         if not isinstance(model, Encoder):

@@ -62,6 +62,6 @@ def perplexity(
         )
     wins = windows(ids, method="sliding", ctx=window, stride=stride)
     device = next(model.parameters()).device
-    summary = score(model, wins, device=device, progress=progress, desc="perplexity").summary()
-    tokens = sum(win.ids.numel() - win.first for win in wins)
-    return PerplexityResult(summary["ppl"], summary["nll"], tokens, len(wins), window, stride)
+    scores = score(model, wins, device=device, progress=progress, desc="perplexity")
+    summary = scores.summary()
+    return PerplexityResult(summary["ppl"], summary["nll"], scores.nll.numel(), len(wins), window, stride)

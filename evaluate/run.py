@@ -42,9 +42,10 @@ from hubquant.models.families import family_for
 from hubquant.models.hub import resolve
 from hubquant.models.loading import torch_device
 from hubquant.quantize.registry import default_variants, method_names
+from hubquant.reports import write_report
 
 from .data import load_text
-from .driver import device_peaks, environment, folder_bytes, placement, resume, start_row, write_reports
+from .driver import device_peaks, environment, folder_bytes, placement, resume, start_row
 from .encoder import run_encoder_eval
 from .results import (
     DEFAULT_MAX_KLD,
@@ -297,7 +298,7 @@ def run_eval(
         rows.append(row)
         results = save()
         print(_line(row))
-    write_reports(results, out_path)
+    write_report(results, out_path)
     print(results["verdict"]["text"])
     print(f"results: {results_path}")
     return results
@@ -330,7 +331,6 @@ def _measure(
     progress: bool,
     compile: bool = False,
 ) -> Row:
-
     row, model, vfolder = start_row(variant, base, base_load_s, folder, out, dtype, device, progress)
     s = score(model, wins, base=base, device=device, progress=progress, desc=f"score {variant}").summary()
     for key, value in s.items():

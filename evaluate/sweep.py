@@ -40,7 +40,7 @@ from typing import Any
 
 from hubquant.errors import HubquantError
 from hubquant.quantize.registry import default_variants
-from hubquant.reports import compare
+from hubquant.reports import compare, write_report
 
 from .results import Row, model_folder_name, read_results, rows_of, save_results, verdict
 
@@ -145,7 +145,6 @@ def _cuda_available() -> bool:
 def _merge(model_out: Path, task_results: list[dict[str, Any]], variants: list[str]) -> dict[str, Any] | None:
     """Rows of the finished tasks (and of earlier runs) into OUT/<model>/results.json, in the sweep's
     variant order, with the verdict and the reports, written atomically by this one process."""
-    from .driver import write_reports
 
     path = model_out / "results.json"
     rows: dict[str, Row] = {}
@@ -171,7 +170,7 @@ def _merge(model_out: Path, task_results: list[dict[str, Any]], variants: list[s
     else:
         judged = verdict(ordered, budget.get("max_kld", 0.05), budget.get("min_top1", 0.9))
     merged = save_results(path, header, ordered, judged)
-    write_reports(merged, model_out)
+    write_report(merged, model_out)
     return merged
 
 

@@ -306,7 +306,6 @@ def transport_failure(error: BaseException) -> BaseException | None:
 
 
 def _is_transport_failure(error: BaseException) -> bool:
-
     from huggingface_hub import errors
 
     # OfflineModeIsEnabled is a ConnectionError, and HTTP answers are OSErrors: neither counts.

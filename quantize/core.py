@@ -476,7 +476,6 @@ def _write_metadata(
     streamer: _LayerStreamer,
     source: str | Path,
 ) -> None:
-
     family = streamer.family
     # Every Linear left in the base dtype, by Hub name: skipped projections, the head unless it
     # was quantized, an encoder's pooler / MLM transform / NSP head. transformers (torchao's

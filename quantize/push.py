@@ -114,7 +114,6 @@ class Figures:
 
 
 def _read_results(path: Path) -> dict[str, Any]:
-
     return read_results(path)
 
 

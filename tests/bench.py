@@ -478,7 +478,6 @@ def report_bounded() -> list[tuple[str, bool]]:
 
 
 def report_eval() -> list[tuple[str, bool]]:
-
     import transformers
 
     import hubquant

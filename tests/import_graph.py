@@ -6,20 +6,23 @@ of every module, the ones inside functions included, the ones under `if TYPE_CHE
 from __future__ import annotations
 
 import ast
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The folders of the package and their installed names (setup.py's FOLDERS).
-FOLDERS = {
-    "hubquant": "core",
-    "hubquant.convert": "convert",
-    "hubquant.evaluate": "evaluate",
-    "hubquant.models": "models",
-    "hubquant.quantize": "quantize",
-    "hubquant.reports": "reports",
-}
+
+
+def _setup_folders() -> dict[str, str]:
+    """setup.py's FOLDERS: the package's folders by installed name (read, not run as __main__)."""
+    spec = importlib.util.spec_from_file_location("hubquant_setup", ROOT / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    return setup.FOLDERS
+
+
+FOLDERS = _setup_folders()
 
 
 @dataclass(frozen=True)

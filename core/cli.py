@@ -17,6 +17,7 @@ from pathlib import Path
 # Commands import torch (and the rest) inside their own functions.
 from hubquant import __version__
 from hubquant.errors import HubquantError
+from hubquant.evaluate.settings import EvalSettings
 from hubquant.evaluate.sweep import run_sweep
 from hubquant.models.config import DTYPE_NAMES
 from hubquant.quantize.card import report_summary
@@ -133,35 +134,43 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def _cmd_eval(args: argparse.Namespace) -> None:
-    from hubquant.evaluate.run import run_eval
+def eval_settings(args: argparse.Namespace) -> EvalSettings:
+    """`hubquant eval`'s flags as the one settings value the driver takes."""
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    run_eval(
-        args.model,
-        variants=variants,
+    def names(text: str | None) -> tuple[str, ...] | None:
+        return tuple(v.strip() for v in text.split(",") if v.strip()) if text else None
+
+    return EvalSettings(
+        model=args.model,
+        variants=names(args.variants),
+        task=args.task,
         dataset=args.dataset,
         ctx=args.ctx,
         max_chunks=args.max_chunks,
         ppl_method=args.ppl_method,
         stride=args.stride,
         max_tokens=args.max_tokens,
+        max_sentences=args.max_sentences,
         dtype=args.dtype,
-        tasks=tasks,
+        tasks=names(args.tasks),
         speed=not args.no_speed,
         compile=args.compile,
+        device=args.device or "auto",
         device_map=args.device_map,
         max_memory=parse_max_memory(args.max_memory),
-        device=args.device or "auto",
         out=args.out,
         force=args.force,
         max_kld=args.max_kld,
         min_top1=args.min_top1,
-        revision=args.revision,
-        max_sentences=args.max_sentences,
         min_cosine=args.min_cosine,
+        revision=args.revision,
     )
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from hubquant.evaluate.run import run_eval
+
+    run_eval(eval_settings(args))
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
@@ -277,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--variants", default=None,
                     help=f"comma-separated: base,{','.join(method_names())},gguf:PATH "
                     f"(default {','.join(default_variants())})")  # fmt: skip
+    ev.add_argument("--task", default=None,
+                    help="evaluation task: causal-lm, masked-lm, embedding (default: picked by the model)")  # fmt: skip
     ev.add_argument("--dataset", default="python-docs", help="python-docs, wikitext2 or a .txt file")
     ev.add_argument("--ctx", type=int, default=None,
                     help="tokens per window (default 512; masked-LM encoders 128)")  # fmt: skip

@@ -1,6 +1,6 @@
-"""The steps every kind of evaluation shares, one variant at a time: resume an earlier run, make
-the variant (streamed into OUT/variants) and load it, begin its row, record the machine.
-`run.py` (decoders) and `encoder.py` (encoders) measure and write the reports.
+"""The driver's plumbing, the same for every task: resume an earlier run, make a variant (streamed
+into OUT/variants) and load it, begin its row, record the machine and the memory of each device.
+`run.py` is the driver that calls these; the tasks (`evaluate/tasks/`) measure.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from hubquant.convert import convert
 from hubquant.errors import HubquantError
+from hubquant.models.checkpoint import Checkpoint
 from hubquant.models.dispatch import describe_device_map
 from hubquant.models.loading import load
 from hubquant.quantize.core import quantize_checkpoint
@@ -105,7 +106,7 @@ def start_row(
     variant: str,
     base: torch.nn.Module,
     base_load_s: float,
-    folder: Path,
+    checkpoint: Checkpoint,
     out: Path,
     dtype: torch.dtype,
     device: torch.device,
@@ -125,8 +126,8 @@ def start_row(
     if variant == "base":
         row.load_s = base_load_s
         row.method_settings = {"dtype": str(dtype).removeprefix("torch.")}
-        return row, base, folder
-    vfolder = make_variant(variant, folder, out, progress)
+        return row, base, checkpoint.folder
+    vfolder = make_variant(variant, checkpoint, out, progress)
     start = time.perf_counter()
     model, _ = load(vfolder, dtype=dtype, device=device, progress=progress)
     row.load_s = time.perf_counter() - start
@@ -139,7 +140,7 @@ def start_row(
     return row, model, vfolder
 
 
-def make_variant(variant: str, folder: Path, out: Path, progress: bool) -> Path:
+def make_variant(variant: str, checkpoint: Checkpoint, out: Path, progress: bool) -> Path:
     """The variant's folder under OUT/variants, made (streamed) unless already complete there."""
     if variant.startswith("gguf:"):
         source = Path(variant[5:]).expanduser()
@@ -150,5 +151,5 @@ def make_variant(variant: str, folder: Path, out: Path, progress: bool) -> Path:
 
     target = out / "variants" / variant
     if not (target / "config.json").is_file():  # folders appear only when complete
-        quantize_checkpoint(folder, target, variant, force=True, progress=progress)
+        quantize_checkpoint(checkpoint, target, variant, force=True, progress=progress)
     return target

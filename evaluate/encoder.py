@@ -1,18 +1,10 @@
-"""`hubquant eval` for encoders (BERT): pseudo-perplexity of a masked-LM head, or the agreement of
-an embedder's sentence vectors with the base's; encode throughput and memory for both.
+"""The numerics of the encoder tasks (`evaluate/tasks/masked_lm.py`, `evaluate/tasks/embedding.py`):
+masked windows and their scoring, sentences and the agreement of their vectors, the timed batch.
 
-`run_eval` calls `run_encoder_eval` when the checkpoint's family builds an encoder (its config's
-kind is "encoder"); everything else is the decoders' pipeline, shared: each variant is made with
-`quantize_checkpoint` into OUT/variants/NAME as it would ship, loaded as any checkpoint is, measured
-against the base (only the base and one variant resident), and written as one row of the same
-results.json (atomically, resumable). The header's `task` says which figures the rows hold:
-"masked-lm" or "embedding" (decoders: "causal-lm").
-
-Masked LM (the checkpoint has an MLM head: BertForMaskedLM, BertForPreTraining)
+Masked LM
     windows    The dataset text's tokens (no special tokens) are cut into consecutive pieces of
                ctx - 2 tokens (a shorter leftover is dropped), each put between the tokenizer's
-               own [CLS] and [SEP]: windows of `ctx` tokens (default 128, at most the model's
-               positions).
+               own [CLS] and [SEP]: windows of `ctx` tokens.
     masking    One `torch.Generator` seeded with `MASK_SEED` (0), drawn from in window order: in
                each window, k = max(1, round(0.15 * n)) of its n non-special positions are picked
                (`torch.randperm(n)[:k]`), and all k are replaced by [MASK] at once.
@@ -25,81 +17,48 @@ Masked LM (the checkpoint has an MLM head: BertForMaskedLM, BertForPreTraining)
                token at a time (one pass per token, every token scored with all others visible).
                Here each masked token is predicted with the window's other masked tokens hidden
                too, so the figure is higher than a PLL-based one; it compares variants, not papers.
-    agreement  The base's forward on the same masked windows (recomputed per variant, as for
-               decoders): KL(base || variant), top-1 agreement and the RMS change of the original
-               token's probability, over the masked positions. The verdict judges these
-               (`max_kld`, `min_top1`), exactly as for decoders.
+    agreement  The base's log-probabilities at the same masked positions: KL(base || variant),
+               top-1 agreement and the change of the original token's probability.
 
-Embedder (no MLM head: BertModel, e.g. a sentence-transformers folder)
+Embedder
     sentences  `SENTENCE_RULE`: the text's paragraphs (blocks between blank lines, so that
                hard-wrapped lines join up), whitespace collapsed, split after . ! or ? followed by
                a space; a piece of 20..300 characters with at least 3 words is kept the first time
-               it occurs; the first `max_sentences` (default 512) are used.
-    vectors    `hubquant.embed` with the base checkpoint's declared pipeline (pooling,
-               normalisation, truncation, lower-casing) for the base and every variant: the
-               variants are the same model, so the base's pipeline and tokenizer are applied to
-               each (a variant folder declaring another pipeline gets a note in its row).
+               it occurs.
     cosine     Per sentence, cos(base vector, variant vector) in float64: mean and minimum.
     neighbours For each sentence, its k = min(10, sentences - 1) nearest other sentences by cosine,
                under the base's vectors and under the variant's; |overlap| / k, averaged over the
                sentences (`nn_agreement`, 0..1).
-    verdict    A variant passes when its mean cosine is at least `min_cosine` (default 0.99).
-
-Speed and memory (both)
-    encode     Sequences/s of one forward (the model's call: MLM logits with a head, else the last
-               hidden state) over a batch of 32 x 128 tokens (the length capped at the model's
-               positions): ids drawn at random (seed 0) from the dataset text's own tokens, [CLS]
-               first and [SEP] last, attention mask all ones; one warm-up, then the median of 3
-               timed runs (± their standard deviation), on the device of the run.
-    memory     As for decoders: disk bytes of the variant's safetensors, runtime weight bytes, peak
-               RSS (and CUDA peaks) while the variant was measured, load time.
 """
 
 from __future__ import annotations
 
-import gc
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from hubquant.errors import HubquantError
-from hubquant.models import load
-from hubquant.models.checkpoint import read_config
 from hubquant.models.encoder import Encoder
 from hubquant.models.tokenizer import read_tokenizer_config
-from hubquant.reports import write_report
 
-from .driver import environment, folder_bytes, resume, start_row
-from .results import Row, results_header, save_results, verdict
 from .scoring import Scores
-from .speed import measure_encode_speed, peak_rss_bytes, weight_bytes
 
 if TYPE_CHECKING:
     from hubquant.models.tokenizer import Tokenizer
 
-    from .data import Text
 
 MASK_SEED = 0
 MASK_RATE = 0.15
-DEFAULT_ENCODER_CTX = 128
 DEFAULT_MAX_SENTENCES = 512
 SENTENCE_CHARS = (20, 300)
 NN_K = 10
-ENCODE_BATCH, ENCODE_LENGTH = 32, 128
-SPEED_RUNS = 3
 SCORE_BATCH = 8  # windows per forward when scoring (all windows have the same length)
 
-PPPL_METHOD = (
-    "pseudo-perplexity, 15% masked per pass, one pass per window: BERT's masked-LM objective "
-    "(all picked tokens of a window masked at once, every masked token scored); not Salazar et "
-    "al.'s pseudo-log-likelihood, which masks one token at a time"
-)
 SENTENCE_WORDS = 3
 SENTENCE_RULE = (
     "paragraphs of the text (blocks between blank lines), whitespace collapsed, split after . ! or ? "
@@ -338,288 +297,3 @@ def speed_ids(
     head = torch.tensor(prefix, dtype=torch.long).expand(batch, -1)
     tail = torch.tensor(suffix, dtype=torch.long).expand(batch, -1)
     return torch.cat([head, body, tail], dim=1)
-
-
-# -- the run ------------------------------------------------------------------------------------------------
-
-
-def check_encoder_settings(
-    task: str,
-    *,
-    ctx: int | None,
-    max_position: int,
-    ppl_method: str,
-    stride: int | None,
-    max_chunks: int | None,
-    max_tokens: int | None,
-    max_sentences: int | None,
-    tasks: list[str] | None,
-    variants: list[str],
-) -> None:
-    """The flags that mean nothing for this encoder, refused with the fix (one line each)."""
-    if ppl_method != "chunks" or stride is not None:
-        raise HubquantError(
-            "--ppl-method/--stride apply to decoders; an encoder is scored by pseudo-perplexity "
-            "(masked-LM) or sentence-vector agreement: drop them"
-        )
-    if tasks:
-        raise HubquantError("--tasks (lm-eval) needs a causal LM; drop --tasks for an encoder")
-    gguf = [v for v in variants if v.startswith("gguf:")]
-    if gguf:
-        raise HubquantError(f"variant {gguf[0]}: GGUF variants are decoders only; drop it for an encoder")
-    if task == "embedding":
-        given = [
-            f for f, v in (("--ctx", ctx), ("--max-chunks", max_chunks), ("--max-tokens", max_tokens)) if v
-        ]
-        if given:
-            raise HubquantError(
-                f"{given[0]} applies to text windows, and this encoder has no masked-LM head (an embedder, "
-                "judged on sentences); drop it, or use --max-sentences"
-            )
-        if max_sentences is not None and max_sentences < 2:
-            raise HubquantError(f"--max-sentences {max_sentences}: neighbours need at least 2 sentences")
-    else:
-        if max_sentences is not None:
-            raise HubquantError(
-                "--max-sentences applies to embedders; this encoder has a masked-LM head, scored on "
-                "windows: use --max-chunks"
-            )
-        if ctx is not None and ctx > max_position:
-            raise HubquantError(
-                f"--ctx {ctx} is longer than the model's {max_position} positions; pass --ctx {max_position} or less"
-            )
-
-
-def run_encoder_eval(
-    *,
-    folder: Path,
-    model_id: str,
-    family: Any,
-    text: Text,
-    out_path: Path,
-    variants: list[str],
-    ctx: int | None,
-    max_chunks: int | None,
-    max_tokens: int | None,
-    max_sentences: int | None,
-    ppl_method: str,
-    stride: int | None,
-    tasks: list[str] | None,
-    dtype: str,
-    target_dtype: torch.dtype,
-    device: torch.device,
-    speed: bool,
-    force: bool,
-    max_kld: float,
-    min_top1: float,
-    min_cosine: float,
-    progress: bool,
-) -> dict[str, Any]:
-    """The encoder branch of `run_eval` (see the module docstring): same arguments, same files.
-
-    Returns:
-        The results, as written to OUT/results.json.
-    """
-
-    cfg = family.config(read_config(folder))
-    task = "masked-lm" if cfg.mlm_head else "embedding"
-    check_encoder_settings(
-        task,
-        ctx=ctx,
-        max_position=cfg.max_position,
-        ppl_method=ppl_method,
-        stride=stride,
-        max_chunks=max_chunks,
-        max_tokens=max_tokens,
-        max_sentences=max_sentences,
-        tasks=tasks,
-        variants=variants,
-    )
-    start = time.perf_counter()
-    base, tokenizer = load(folder, dtype=target_dtype, device=device, progress=progress)
-    base_load_s = time.perf_counter() - start
-    if not isinstance(base, Encoder) or tokenizer is None:
-        raise HubquantError(f"{model_id} did not load as an encoder with a tokenizer; check its config.json")
-    prefix, suffix = framing(tokenizer)
-    length = min(ENCODE_LENGTH, cfg.max_position)
-
-    method: dict[str, Any]
-    wins: list[MaskedWindow] = []
-    sentences: list[str] = []
-    if task == "masked-lm":
-        mask_id = mask_token_id(tokenizer, folder)
-        ctx = min(DEFAULT_ENCODER_CTX, cfg.max_position) if ctx is None else ctx
-        ids = torch.tensor(tokenizer.encode(text.text, add_special_tokens=False), dtype=torch.long)
-        if max_tokens is not None:
-            ids = ids[:max_tokens]
-        wins = mask_windows(
-            ids, ctx=ctx, prefix=prefix, suffix=suffix, mask_id=mask_id, max_chunks=max_chunks
-        )
-        masked = sum(w.positions.numel() for w in wins)
-        method = {
-            "pppl_method": PPPL_METHOD, "ctx": ctx, "windows": len(wins), "max_chunks": max_chunks,
-            "max_tokens": max_tokens, "mask_rate": MASK_RATE, "mask_seed": MASK_SEED,
-            "tokens_masked": masked, "dtype": dtype, "log_softmax": "fp32",
-            "kld": "KL(base || variant) over the masked positions, base forward recomputed per variant",
-        }  # fmt: skip
-        budget: dict[str, float] = {"max_kld": max_kld, "min_top1": min_top1}
-        text_ids = ids
-        summary = (
-            f"{len(wins)} windows of {ctx} tokens, {masked} tokens masked "
-            f"({MASK_RATE:.0%} per window, seed {MASK_SEED})"
-        )
-    else:
-        limit = DEFAULT_MAX_SENTENCES if max_sentences is None else max_sentences
-        sentences = split_sentences(text.text, limit)
-        if len(sentences) < 2:
-            raise HubquantError(
-                f"{text.name} has {len(sentences)} sentences of {SENTENCE_CHARS[0]}..{SENTENCE_CHARS[1]} "
-                "characters; an embedder needs at least 2: use a longer --dataset"
-            )
-        sentence = getattr(base, "sentence", None)
-        method = {
-            "sentence_rule": SENTENCE_RULE, "sentences": len(sentences), "max_sentences": limit,
-            "pooling": sentence.describe() if sentence is not None else None,
-            "nn_k": min(NN_K, len(sentences) - 1), "cosine": "per sentence against the base's vector, float64",
-            "dtype": dtype,
-        }  # fmt: skip
-        budget = {"min_cosine": min_cosine}
-        text_ids = torch.tensor(
-            tokenizer.encode(" ".join(sentences), add_special_tokens=False), dtype=torch.long
-        )
-        summary = f"{len(sentences)} sentences, top-{method['nn_k']} neighbours"
-    method.update(speed_runs=SPEED_RUNS if speed else 0, encode_batch=ENCODE_BATCH, encode_length=length)
-    header = results_header(
-        task=task, model_id=model_id, folder=folder, family=family.name, text=text, method=method,
-        environment=environment(device), budget=budget,
-    )  # fmt: skip
-    results_path = out_path / "results.json"
-    rows = resume(results_path, header, force)
-    done = {r.variant for r in rows}
-
-    def save() -> dict[str, Any]:
-        judged = verdict(rows, max_kld, min_top1, min_cosine=min_cosine if task == "embedding" else None)
-        return save_results(results_path, header, rows, judged)
-
-    print(
-        f"hubquant eval {model_id} ({task}): {summary}; {text.name} sha256 {text.sha256[:12]}; {dtype} on {device}"
-    )
-    base_vectors = None
-    if task == "embedding":
-        from hubquant.models.embed import embed
-
-        base_vectors = embed(base, sentences, batch_size=ENCODE_BATCH, progress=progress)
-    timing_ids = speed_ids(text_ids, prefix, suffix, ENCODE_BATCH, length) if speed else None
-    results = save()
-    for variant in variants:
-        if variant in done:
-            print(f"{variant:10} already in {results_path}; skipped (use --force to redo)")
-            continue
-        row = _measure_encoder(
-            variant,
-            task=task,
-            base=base,
-            base_load_s=base_load_s,
-            folder=folder,
-            out=out_path,
-            wins=wins,
-            sentences=sentences,
-            base_vectors=base_vectors,
-            timing_ids=timing_ids,
-            dtype=target_dtype,
-            device=device,
-            progress=progress,
-        )
-        rows.append(row)
-        results = save()
-        print(encoder_line(row, task))
-    write_report(results, out_path)
-    print(results["verdict"]["text"])
-    print(f"results: {results_path}")
-    return results
-
-
-def _measure_encoder(
-    variant: str,
-    *,
-    task: str,
-    base: Encoder,
-    base_load_s: float,
-    folder: Path,
-    out: Path,
-    wins: list[MaskedWindow],
-    sentences: list[str],
-    base_vectors: torch.Tensor | None,
-    timing_ids: torch.Tensor | None,
-    dtype: torch.dtype,
-    device: torch.device,
-    progress: bool,
-) -> Row:
-    row, model, vfolder = start_row(variant, base, base_load_s, folder, out, dtype, device, progress)
-    if variant != "base":
-        if not isinstance(model, Encoder):
-            raise HubquantError(
-                f"variant {variant} in {vfolder} did not load as an encoder; remake it with --force"
-            )
-        # The same model: the base's tokenizer and sentence pipeline apply to every variant.
-        declared = getattr(model, "sentence", None)
-        if task == "embedding" and declared is not None and declared != base.sentence:
-            row.notes.append(
-                f"the variant's folder declares {declared.describe()}; measured with the base's "
-                f"{base.sentence.describe()}"
-            )
-        model.sentence = base.sentence
-        model.tokenizer = base.tokenizer
-    if task == "masked-lm":
-        s = score_masked(model, wins, base=base, device=device, progress=progress, desc=f"score {variant}")
-        summary = s.summary()
-        row.pppl, row.pppl_err = summary.pop("ppl"), summary.pop("ppl_err")
-        row.masked_tokens = s.nll.numel()
-        for key, value in summary.items():
-            setattr(row, key, value)
-    else:
-        from hubquant.models.embed import embed
-
-        assert base_vectors is not None
-        vectors = (
-            base_vectors
-            if model is base
-            else embed(model, sentences, batch_size=ENCODE_BATCH, progress=progress)
-        )
-        for key, value in embedding_agreement(base_vectors, vectors).items():
-            setattr(row, key, value)
-    if timing_ids is not None:
-        for key, value in measure_encode_speed(model, timing_ids, runs=SPEED_RUNS, device=device).items():
-            setattr(row, key, value)
-    row.disk_bytes = folder_bytes(vfolder)
-    row.weight_bytes = weight_bytes(model)
-    row.peak_rss_bytes = peak_rss_bytes()
-    if device.type == "cuda":
-        row.cuda_peak_allocated_bytes = torch.cuda.max_memory_allocated(device)
-        row.cuda_peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
-    if model is not base:
-        del model
-        gc.collect()
-    return row
-
-
-def encoder_line(row: Row, task: str) -> str:
-    """One printed line per measured variant."""
-
-    def f(value: float | None, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
-
-    if task == "masked-lm":
-        quality = (
-            f"PPPL {f(row.pppl, '.3f')} ± {f(row.pppl_err, '.3f')}  KLD {f(row.kld_mean, '.5f')} nats  "
-            f"top-1 {f(row.top1_agreement and row.top1_agreement * 100, '.1f')}%"
-        )
-    else:
-        quality = (
-            f"cosine mean {f(row.cos_mean, '.5f')} min {f(row.cos_min, '.5f')}  "
-            f"NN agreement {f(row.nn_agreement and row.nn_agreement * 100, '.1f')}%"
-        )
-    return (
-        f"{row.variant:10} {quality}  encode {f(row.encode_seq_s, '.1f')} seq/s  "
-        f"disk {f(row.disk_bytes and row.disk_bytes / 1e6, '.1f')} MB"
-    )

@@ -20,22 +20,20 @@ Layout (schema version 1):
       "created": "2026-11-22T03:00:00Z"
     }
 
-A row (`Row` below) holds every figure of one variant with the settings that made it; a figure
-that was not measured is null, never made up.
-
-Encoders (BERT) use the same file and the same `Row` (see `hubquant.evaluate.encoder`): `task`
-says which figures a run has. A masked-LM run ("masked-lm") fills `pppl`, `pppl_err`,
-`masked_tokens`, `nll` and the KLD / top-1 figures (over the masked positions); an embedder run
-("embedding") fills `cos_mean`, `cos_min` and `nn_agreement`; both fill `encode_seq_s` instead of
-the decoder's prefill / decode speeds, and their `method` holds their own keys (mask seed, rate and
-count, or the sentence rule and count). The encoder fields were added as optional: older files read
-as before, and decoder rows hold null there. An embedding run's budget is `{"min_cosine": 0.99}`.
+A row (`Row` below) is one variant: the fields every task's rows have (`COMMON`: the variant,
+how it was made, size, load time, memory, lm-eval scores, notes) and the task's own figures
+(`Task.figures` in `hubquant/evaluate/tasks/`: perplexity and KLD for "causal-lm", pseudo-
+perplexity for "masked-lm", cosine and neighbours for "embedding"), written out flat in one object.
+`task` says which task wrote the file, and so which figures its rows have; the method and budget
+are the task's own keys (an embedding run's budget is `{"min_cosine": 0.99}`). A figure that was
+not measured is absent or null, never made up. Files written before the tasks existed held every
+task's figure in every row (null where another task's): they read, resume and render as before.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,110 +41,113 @@ from typing import Any
 from hubquant.errors import HubquantError
 from hubquant.files import read_json, remove_temporary_files, write_json_atomic
 
+from .settings import DEFAULT_MAX_KLD, DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1
+from .tasks import get_task
+
 SCHEMA_VERSION = 1
 RESULTS_ROOT = Path("results")  # where `hubquant eval` writes without --out
-DEFAULT_MAX_KLD = 0.05
-DEFAULT_MIN_TOP1 = 0.90
-DEFAULT_MIN_COSINE = 0.99  # embedders: the mean cosine to the base's sentence vectors
-TASKS = ("causal-lm", "masked-lm", "embedding")
+__all__ = ["DEFAULT_MAX_KLD", "DEFAULT_MIN_COSINE", "DEFAULT_MIN_TOP1", "Row", "verdict"]
 
 
 def task_of(results: dict[str, Any]) -> str:
-    """The kind of run a results.json holds: "causal-lm" (decoders, and files written before the
-    marker existed), "masked-lm" or "embedding" (encoders).
+    """The task of a run, by name: results.json's `task` when it names a registered task, else
+    "causal-lm" (decoders, and files written before the key existed).
 
     Args:
         results: a results.json as a dict.
     """
-    task = results.get("task")
-    return task if task in TASKS else "causal-lm"
+    return get_task(results.get("task")).name
 
 
-@dataclass
-class Row:
-    """One variant's figures. Units: perplexity and KLD in nats per token, agreement as a fraction
-    0..1, speeds in tokens/s, times in seconds, sizes in bytes."""
-
-    variant: str  # "base", "int4", "nf4", "int8", "fp8", "gguf:Q4_K_M"...
-    method_settings: dict[str, Any] = field(default_factory=dict)
-    ppl: float | None = None
-    ppl_err: float | None = None  # standard error of the perplexity
-    nll: float | None = None  # mean negative log-likelihood, nats/token
-    kld_mean: float | None = None  # KL(base || variant), nats/token, mean over scored tokens
-    kld_err: float | None = None  # standard error of kld_mean
-    kld_median: float | None = None
-    kld_p99: float | None = None
-    kld_max: float | None = None
-    top1_agreement: float | None = None  # fraction of scored tokens with the same argmax as base
-    dp_rms: float | None = None  # RMS change of the correct token's probability
-    prefill_tok_s: float | None = None
-    prefill_sd: float | None = None
-    decode_tok_s: float | None = None
-    decode_sd: float | None = None
-    ttft_s: float | None = None  # time to first token
-    disk_bytes: int | None = None
-    weight_bytes: int | None = None  # runtime bytes of the weights
-    peak_rss_bytes: int | None = None
-    cuda_peak_allocated_bytes: int | None = None
-    cuda_peak_reserved_bytes: int | None = None
+# What every row holds whatever its task: the variant, how it was made, and what the driver
+# measures itself (size, load time, memory, lm-eval scores, notes). Units: bytes and seconds.
+COMMON: dict[str, Any] = {
+    "variant": "",
+    "method_settings": {},
+    "disk_bytes": None,  # the variant's safetensors on disk
+    "weight_bytes": None,  # runtime bytes of the weights
+    "peak_rss_bytes": None,
+    "cuda_peak_allocated_bytes": None,
+    "cuda_peak_reserved_bytes": None,
     # With a device map: the peak memory of each device the model was spread over, bytes
     # ("cpu": peak RSS; "cuda:N": allocated).
-    device_peak_bytes: dict[str, int] = field(default_factory=dict)
-    load_s: float | None = None
-    tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
-    skipped_layers: int | None = None
-    notes: list[str] = field(default_factory=list)
-    # Encoders only (None for decoders). Masked LM: pseudo-perplexity over the masked tokens.
-    pppl: float | None = None  # exp(mean NLL of the masked tokens)
-    pppl_err: float | None = None  # standard error of the pseudo-perplexity
-    masked_tokens: int | None = None  # tokens masked and scored
-    # Embedders: each sentence's vector against the base's.
-    cos_mean: float | None = None  # mean cosine similarity to the base's vector of the same sentence
-    cos_min: float | None = None  # the smallest of those cosines
-    nn_agreement: float | None = None  # mean overlap (0..1) of each sentence's top-k neighbours with base's
-    encode_seq_s: float | None = None  # sequences/s, one forward at batch 32 x length 128 (median of runs)
-    encode_sd: float | None = None  # standard deviation of the timed runs' sequences/s
+    "device_peak_bytes": {},
+    "load_s": None,
+    "tasks": {},  # lm-eval: task -> metric -> value
+    "skipped_layers": None,
+    "notes": [],
+}
+
+
+class Row:
+    """One variant's row: the common fields (`COMMON`) as attributes, and the task's figures
+    (perplexity, KLD, cosine... as the task names them, `evaluate/tasks/`) in `figures`. Written
+    to results.json flat, one object per row; a figure that was not measured is absent or null,
+    never made up.
+
+    Args:
+        variant: "base", "int4", "nf4", "int8", "fp8", "gguf:Q4_K_M"...
+        method_settings: how the variant was made.
+        **values: common fields and figures by name.
+    """
+
+    def __init__(self, variant: str, method_settings: dict[str, Any] | None = None, **values: Any) -> None:
+        for key, default in COMMON.items():
+            setattr(self, key, copy.copy(default))
+        self.variant = variant
+        self.method_settings = dict(method_settings or {})
+        self.figures: dict[str, Any] = {}
+        self.update(values)
+
+    def get(self, key: str) -> Any:
+        """A common field or a figure by name (None when the row has neither)."""
+        return getattr(self, key) if key in COMMON else self.figures.get(key)
+
+    def update(self, values: dict[str, Any]) -> None:
+        """Set common fields and figures by name (a task's `measure` result)."""
+        for key, value in values.items():
+            if key in COMMON:
+                setattr(self, key, value)
+            else:
+                self.figures[key] = value
+
+    def __getattr__(self, name: str) -> Any:
+        # A figure reads as an attribute too (row.ppl); an unknown name is still an error.
+        figures = self.__dict__.get("figures", {})
+        if name in figures:
+            return figures[name]
+        raise AttributeError(f"row has no {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as results.json holds it: variant, settings, the figures, then the common fields."""
+        data = {"variant": self.variant, "method_settings": self.method_settings, **self.figures}
+        data.update({key: getattr(self, key) for key in COMMON if key not in data})
+        return copy.deepcopy(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Row:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = dict(data)
+        return cls(values.pop("variant", ""), values.pop("method_settings", None), **values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Row) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Row({self.to_dict()!r})"
 
 
-def verdict(
-    rows: list[Row],
-    max_kld: float = DEFAULT_MAX_KLD,
-    min_top1: float = DEFAULT_MIN_TOP1,
-    *,
-    min_cosine: float | None = None,
-) -> dict[str, Any]:
+def verdict(rows: list[Row], budget: dict[str, Any], task: str | None = None) -> dict[str, Any]:
     """The smallest variant (by disk bytes, else runtime bytes) within the quality budget, or a
     plain statement that none is. The base model is not a candidate: the question is which
-    quantized variant to ship.
+    quantized variant to ship. The task judges each row (`Task.passes`) and words the budget.
 
     Args:
         rows: the run's rows.
-        max_kld, min_top1: the budget of decoders and masked-LM encoders (KLD and top-1 agreement
-            against the base, over the scored or masked tokens).
-        min_cosine: given, the budget of an embedder instead: the mean cosine similarity of the
-            variant's sentence vectors to the base's must be at least this.
+        budget: the run's budget (results.json's `budget`).
+        task: the run's task name (None: causal-lm).
     """
-    if min_cosine is not None:
-        candidates = [
-            r for r in rows if r.variant != "base" and r.cos_mean is not None and r.cos_mean >= min_cosine
-        ]
-        budget = f"mean cosine to the base's sentence vectors >= {min_cosine:g}"
-    else:
-        candidates = [
-            r
-            for r in rows
-            if r.variant != "base"
-            and r.kld_mean is not None
-            and r.top1_agreement is not None
-            and r.kld_mean <= max_kld
-            and r.top1_agreement >= min_top1
-        ]
-        budget = f"mean KLD <= {max_kld:g} nats and top-1 agreement >= {min_top1:.0%}"
+    judge = get_task(task)
+    candidates = [r for r in rows if r.variant != "base" and judge.passes(r, budget)]
 
     def size(r: Row) -> float:
         return r.disk_bytes or r.weight_bytes or math.inf
@@ -155,23 +156,15 @@ def verdict(
         measured = [r.variant for r in rows if r.variant != "base"]
         if not measured:
             return {"variant": None, "text": "No quantized variant was measured."}
-        return {"variant": None, "text": f"No variant is within the budget ({budget}); ship the base model."}
+        return {
+            "variant": None,
+            "text": f"No variant is within the budget ({judge.budget_text(budget)}); ship the base model.",
+        }
     best = min(candidates, key=size)
-    if min_cosine is not None:
-        figures = (
-            f"mean cosine {best.cos_mean:.4f}"
-            + (f", min cosine {best.cos_min:.4f}" if best.cos_min is not None else "")
-            + (
-                f", nearest-neighbour agreement {best.nn_agreement:.1%}"
-                if best.nn_agreement is not None
-                else ""
-            )
-        )
-    else:
-        figures = f"mean KLD {best.kld_mean:.4f}, top-1 agreement {best.top1_agreement:.1%}"
     return {
         "variant": best.variant,
-        "text": f"Ship {best.variant}: the smallest variant within the budget ({budget}): {figures}.",
+        "text": f"Ship {best.variant}: the smallest variant within the budget ({judge.budget_text(budget)}): "
+        f"{judge.verdict_figures(best)}.",
     }
 
 
@@ -216,7 +209,7 @@ def save_results(
 ) -> dict[str, Any]:
     """The header, the rows and the verdict, stamped with the time, written atomically to `path`."""
 
-    results = {**header, "rows": [asdict(r) for r in rows], "verdict": judged}
+    results = {**header, "rows": [r.to_dict() for r in rows], "verdict": judged}
     results["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     write_results(path, results)
     return results
@@ -268,4 +261,4 @@ def rows_of(results: dict[str, Any]) -> list[Row]:
 
 
 def row_dict(row: Row) -> dict[str, Any]:
-    return asdict(row)
+    return row.to_dict()

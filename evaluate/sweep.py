@@ -27,7 +27,6 @@ within 30 s (HUBQUANT_RAY_CONNECT_TIMEOUT, in seconds, changes that). Ray is an 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -43,19 +42,18 @@ from hubquant.quantize.registry import default_variants
 from hubquant.reports import compare, write_report
 
 from .results import Row, model_folder_name, read_results, rows_of, save_results, verdict
+from .settings import EvalSettings, check_variants
 
 SPEC_KEYS = ("models", "variants", "dataset", "eval", "out")
-# `run_eval` settings a sweep file may give under `eval:` (everything but where and what).
-_NOT_SETTINGS = {"model_source", "variants", "dataset", "out", "force", "progress", "revision"}
+# `EvalSettings` a sweep file may give under `eval:` (everything but where and what).
+_NOT_SETTINGS = {"model", "variants", "dataset", "out", "force", "progress", "revision"}
 CONNECT_TIMEOUT_ENV = "HUBQUANT_RAY_CONNECT_TIMEOUT"
 CONNECT_TIMEOUT_S = 30.0  # the default; CONNECT_TIMEOUT_ENV overrides it (seconds)
 GCS_PORT, CLIENT_PORT = 6379, 10001  # Ray's defaults for `ray start --head`
 
 
-def _eval_settings() -> set[str]:
-    from .run import run_eval
-
-    return set(inspect.signature(run_eval).parameters) - _NOT_SETTINGS
+def _eval_settings() -> list[str]:
+    return [name for name in EvalSettings.names() if name not in _NOT_SETTINGS]
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:
@@ -84,16 +82,14 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     variants = spec.get("variants", list(default_variants()))
     if not isinstance(variants, list) or not variants or not all(isinstance(v, str) for v in variants):
         raise HubquantError(f"{path}: 'variants' must be a non-empty list such as [base, int4, int8]")
-    from .run import _check_variants
-
-    _check_variants(variants)
+    check_variants(variants)
     settings = spec.get("eval") or {}
     if not isinstance(settings, dict):
         raise HubquantError(f"{path}: 'eval' must be a mapping of `hubquant eval` settings")
-    bad = sorted(set(settings) - _eval_settings())
+    bad = sorted(set(settings) - set(_eval_settings()))
     if bad:
         raise HubquantError(
-            f"{path}: eval setting '{bad[0]}' is unknown; use any of {', '.join(sorted(_eval_settings()))}"
+            f"{path}: eval setting '{bad[0]}' is unknown; use any of {', '.join(_eval_settings())}"
         )
     dataset = spec.get("dataset", "python-docs")
     if not isinstance(dataset, str):
@@ -113,7 +109,10 @@ def _task(model: str, variant: str, dataset: str, settings: dict[str, Any], out:
     from .run import run_eval
 
     try:
-        results = run_eval(model, variants=[variant], dataset=dataset, out=out, progress=False, **settings)
+        eval_settings = EvalSettings(
+            model=model, variants=(variant,), dataset=dataset, out=out, progress=False, **settings
+        )
+        results = run_eval(eval_settings)
         return {"ok": True, "results": results}
     except HubquantError as error:
         return {"ok": False, "error": str(error)}
@@ -164,11 +163,7 @@ def _merge(model_out: Path, task_results: list[dict[str, Any]], variants: list[s
     if header is None:
         return None
     ordered = [rows[v] for v in variants if v in rows] + [r for v, r in rows.items() if v not in variants]
-    budget = header.get("budget", {})
-    if "min_cosine" in budget:
-        judged = verdict(ordered, min_cosine=budget["min_cosine"])
-    else:
-        judged = verdict(ordered, budget.get("max_kld", 0.05), budget.get("min_top1", 0.9))
+    judged = verdict(ordered, header.get("budget") or {}, header.get("task"))
     merged = save_results(path, header, ordered, judged)
     write_report(merged, model_out)
     return merged

@@ -8,6 +8,7 @@ placeholder; nothing is materialised twice. Every tensor is checked: known
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from torch import nn
 from hubquant.errors import HubquantError
 from hubquant.files import read_json
 
+from .config import ModelConfig
 from .encoder import expected_tensors
-from .families import Family
-from .hub import BIN, BIN_INDEX, CONFIG, SAFETENSORS, SAFETENSORS_INDEX, read_weight_map
+from .families import Family, family_for
+from .hub import BIN, BIN_INDEX, CONFIG, SAFETENSORS, SAFETENSORS_INDEX, read_weight_map, resolve
 from .safetensors_file import SafetensorsFile
 
 
@@ -30,6 +32,52 @@ def read_config(folder: Path) -> dict[str, Any]:
             f"{folder} has no config.json; point at a transformers checkpoint folder (or a Hub repo id)"
         )
     return read_json(path, "config.json")
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A checkpoint worked out once: where it is, what its config says and which family reads it.
+    `hubquant.load` and `quantize_checkpoint` take one in place of a path (nothing is resolved or
+    read again), and the evaluation driver passes one down from the moment it resolves the model.
+
+    Attributes:
+        folder: the local Hub-layout folder (a download lands in the Hub cache, named by its commit).
+        config: config.json as read.
+        family: the family that builds the model.
+        revision: the Hub branch, tag or commit asked for (None: the default branch, or a folder).
+        source: the model as the user named it (a Hub id or a path).
+    """
+
+    folder: Path
+    config: dict[str, Any]
+    family: Family
+    revision: str | None = None
+    source: str = ""
+
+    @classmethod
+    def resolve(cls, source: str | Path | Checkpoint, revision: str | None = None) -> Checkpoint:
+        """The checkpoint of a Hub id or folder (downloaded once, as `hubquant.load` would).
+
+        Args:
+            source: a Hub repo id, a local folder, or a Checkpoint (returned as it is).
+            revision: Hub branch, tag or commit.
+        """
+        if isinstance(source, Checkpoint):
+            return source
+        folder = resolve(source, revision)
+        config = read_config(folder)
+        return cls(folder, config, family_for(config), revision, str(source))
+
+    @property
+    def spec(self) -> ModelConfig:
+        """The family's model config (kind, sizes, heads) read from `config`."""
+        return self.family.config(self.config)
+
+    @property
+    def commit(self) -> str | None:
+        """The Hub commit, when the folder is a Hub snapshot (named by its 40-hex commit)."""
+        name = self.folder.name
+        return name if len(name) == 40 and all(c in "0123456789abcdef" for c in name) else None
 
 
 def read_index(index_path: Path) -> dict[str, list[str]]:

@@ -14,13 +14,11 @@ from hubquant.files import read_json
 from hubquant.memory import check_memory
 from hubquant.quantize.loading import load_quantized
 
-from .checkpoint import hub_tensor_names, load_weights, read_config, shard_files
+from .checkpoint import Checkpoint, hub_tensor_names, load_weights, shard_files
 from .config import torch_dtype
 from .decoder import Decoder
 from .dispatch import Offload, dispatch, placement, plan_device_map
 from .encoder import Encoder, build_model
-from .families import family_for
-from .hub import resolve
 from .layers import fuse_projections
 from .safetensors_file import SafetensorsFile
 from .sentence import read_sentence_config
@@ -28,7 +26,7 @@ from .tokenizer import Tokenizer, eos_token_ids
 
 
 def load(
-    source: str | Path,
+    source: str | Path | Checkpoint,
     *,
     revision: str | None = None,
     dtype: str | torch.dtype = torch.bfloat16,
@@ -41,7 +39,8 @@ def load(
     """Load a checkpoint into hubquant's canonical model: a `Decoder`, or an `Encoder` for BERT.
 
     Args:
-        source: a Hub repo id ("HuggingFaceTB/SmolLM2-135M") or a local Hub-layout folder.
+        source: a Hub repo id ("HuggingFaceTB/SmolLM2-135M"), a local Hub-layout folder, or a
+            `Checkpoint` already resolved (its folder and config are used as they are).
         revision: Hub branch, tag or commit.
         dtype: parameter dtype, "bf16" / "fp16" / "fp32" (or "bfloat16"...) or a torch dtype,
             as `hubquant.convert.convert` takes it; tensors are cast one by one as they stream in.
@@ -66,10 +65,10 @@ def load(
     """
     dtype = torch_dtype(dtype)
     device = torch_device(device)
-    folder = resolve(source, revision)
-    hf_config = read_config(folder)
+    checkpoint = Checkpoint.resolve(source, revision)
+    folder, hf_config, family = checkpoint.folder, checkpoint.config, checkpoint.family
+    source = checkpoint.source or folder
     shards = shard_files(folder)  # refuse pickle-only or weightless folders before anything else
-    family = family_for(hf_config)
     gen_path = folder / "generation_config.json"
     gen_config = read_json(gen_path, "generation_config.json") if gen_path.is_file() else {}
     cfg = family.config(hf_config)

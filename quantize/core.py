@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,10 +36,12 @@ from hubquant.models.hub import (
     SAFETENSORS_INDEX,
     SENTENCE_FILES,
     SLOW_TOKENIZER_FILES,
-    resolve,
     sentence_module_paths,
 )
 from hubquant.models.layers import fuse_projections, unfuse_views
+
+if TYPE_CHECKING:
+    from hubquant.models.checkpoint import Checkpoint
 
 from .base import LayerRecord, Method, QuantReport, tensor_bytes
 from .card import write_card
@@ -196,7 +198,7 @@ def quantize(
 
 
 def quantize_checkpoint(
-    source: str | Path,
+    source: str | Path | Checkpoint,
     out: str | Path,
     method: str = "int4",
     *,
@@ -216,7 +218,7 @@ def quantize_checkpoint(
     is read, quantized, written as its own shard and freed before the next.
 
     Args:
-        source: a Hub repo id or a local Hub-layout folder, as for `hubquant.load`.
+        source: a Hub repo id, a local Hub-layout folder or a `Checkpoint`, as for `hubquant.load`.
         out: the output folder (built beside itself, renamed into place when complete).
         method, group_size, hqq, include_head: as for `quantize`. The folder holds the same
             tensors as the source (tied ones once), the quantized projections in the method's
@@ -233,8 +235,7 @@ def quantize_checkpoint(
         (the folder, the report).
     """
     from hubquant.convert.writer import check_out, staging
-    from hubquant.models.checkpoint import read_config, shard_files
-    from hubquant.models.families import family_for
+    from hubquant.models.checkpoint import Checkpoint, shard_files
 
     target_dtype = torch_dtype(dtype)
     out = Path(out).expanduser().absolute()
@@ -243,12 +244,12 @@ def quantize_checkpoint(
         raise HubquantError(f"--group-size and --hqq apply to int4 only, not to {method}")
     settings = {"group_size": group_size, "hqq": hqq} if method == "int4" else {}
     quantizer = get_method(method, **settings)
-    folder = resolve(source, revision)
-    hf_config = read_config(folder)
+    checkpoint = Checkpoint.resolve(source, revision)
+    folder, hf_config, family = checkpoint.folder, checkpoint.config, checkpoint.family
+    source = checkpoint.source or folder
     if hf_config.get("quantization_config"):
         kind = hf_config["quantization_config"].get("quant_method", "quantized")
         raise HubquantError(f"{source} is already quantized ({kind}); quantize its base model instead")
-    family = family_for(hf_config)
     streamer = _LayerStreamer(folder, family, hf_config, shard_files(folder), target_dtype)
     _check_head(streamer.model, include_head)
     if device_map is not None:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hubquant.evaluate.results import Row
-
-from .tables import MB
+from hubquant.evaluate.tasks import MB
 
 CHAR_W = 6.6  # average glyph width of the 12px sans-serif labels, for layout
 
@@ -151,15 +150,15 @@ def quality_vs_size(
         "mean KLD vs base",
         f"nats/{per.split()[-1]}",
         f"budget: mean KLD ≤ {max_kld:g}" if max_kld is not None else "",
-        lambda row: f"mean KLD {row.kld_mean:.4g} nats",
+        lambda row: f"mean KLD {row.get('kld_mean'):.4g} nats",
     )
-    return _loss_vs_size(rows, lambda row: row.kld_mean, max_kld, chosen, chart_id, axis)
+    return _loss_vs_size(rows, lambda row: row.get("kld_mean"), max_kld, chosen, chart_id, axis)
 
 
 def _cosine_loss(row: Row) -> float | None:
-    if row.cos_mean is None:
+    if row.get("cos_mean") is None:
         return None
-    loss = 1.0 - row.cos_mean
+    loss = 1.0 - row.get("cos_mean")
     return 0.0 if loss < 1e-12 else loss  # float noise of the base against itself is no loss
 
 
@@ -183,7 +182,7 @@ def cosine_vs_size(
         "1 − mean cosine vs base",
         "",
         f"budget: mean cosine ≥ {min_cosine:g}" if min_cosine is not None else "",
-        lambda row: f"mean cosine {row.cos_mean:.6f}",
+        lambda row: f"mean cosine {row.get('cos_mean'):.6f}",
     )
     budget = 1.0 - min_cosine if min_cosine is not None else None
     return _loss_vs_size(rows, _cosine_loss, budget, chosen, chart_id, axis)
@@ -307,7 +306,7 @@ def decode_speed(rows: list[Row], chosen: str | None, chart_id: str = "decode-sp
         rows,
         chosen,
         chart_id,
-        [(r.decode_tok_s, r.decode_sd) for r in rows],
+        [(r.get("decode_tok_s"), r.get("decode_sd")) for r in rows],
         "tok/s",
         "Decode speed per variant",
         "Decode tokens per second, batch 1, mean over the timed runs, one bar per variant.",
@@ -330,7 +329,7 @@ def encode_speed(
         rows,
         chosen,
         chart_id,
-        [(r.encode_seq_s, r.encode_sd) for r in rows],
+        [(r.get("encode_seq_s"), r.get("encode_sd")) for r in rows],
         "seq/s",
         "Encode throughput per variant",
         f"Sequences encoded per second, one forward over {batch} sequences of {length} tokens, median of "

@@ -11,67 +11,32 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from hubquant.evaluate.results import Row, task_of
+from hubquant.evaluate.tasks import Figure, Label, get_task, setting_text
 from hubquant.files import write_text_atomic
 
 from .charts import Chart, cosine_vs_size, decode_speed, encode_speed, quality_vs_size
-from .tables import Figure, checked_rows, figures_for, scaled, task_columns
+from .tables import checked_rows, figures_for, scaled, task_columns
 
 TEMPLATE = "report.html.j2"
 
-# Labels (and units) of the keys results.json's sections hold; a key not listed is shown as named.
-_LABELS: dict[str, dict[str, tuple[str, str]]] = {
-    "model": {"id": ("model", ""), "commit": ("commit", ""), "family": ("family", "")},
-    "dataset": {"name": ("dataset", ""), "sha256": ("text sha256", ""), "chars": ("characters", "")},
-    "method": {
-        "ppl_method": ("perplexity method", ""),
-        "ctx": ("window (ctx)", "tokens"),
-        "stride": ("stride", "tokens"),
-        "windows": ("windows", ""),
-        "max_chunks": ("max chunks", ""),
-        "max_tokens": ("max text tokens", "tokens"),
-        "tokens_scored": ("tokens scored", ""),
-        "bos": ("BOS handling", ""),
-        "dtype": ("dtype", ""),
-        "log_softmax": ("log-softmax in", ""),
-        "speed_runs": ("timed speed runs", ""),
-        "decode_tokens": ("tokens per decode run", "tokens"),
-        "kld": ("KLD", ""),
-        # encoders (hubquant.evaluate.encoder)
-        "pppl_method": ("pseudo-perplexity method", ""),
-        "mask_rate": ("masked per window", "% of its text tokens"),
-        "mask_seed": ("mask seed", ""),
-        "tokens_masked": ("tokens masked and scored", ""),
-        "sentence_rule": ("sentences", ""),
-        "sentences": ("sentences embedded", ""),
-        "max_sentences": ("max sentences", ""),
-        "pooling": ("sentence vectors", ""),
-        "nn_k": ("neighbours compared (k)", ""),
-        "cosine": ("cosine", ""),
-        "encode_batch": ("encode batch", "sequences"),
-        "encode_length": ("encode length", "tokens"),
-    },
+# Labels of the sections every run has; a run's method and budget are labelled by its task
+# (`Task.method_labels`, `Task.budget_labels`). A key not labelled is shown as named.
+_LABELS: dict[str, dict[str, Label]] = {
+    "model": {"id": Label("model"), "commit": Label("commit"), "family": Label("family")},
+    "dataset": {"name": Label("dataset"), "sha256": Label("text sha256"), "chars": Label("characters")},
     "environment": {
-        "device": ("device", ""),
-        "device_name": ("device name", ""),
-        "threads": ("threads", ""),
-        "python": ("python", ""),
+        "device": Label("device"),
+        "device_name": Label("device name"),
+        "threads": Label("threads"),
+        "python": Label("python"),
     },
-    "budget": {
-        "max_kld": ("max mean KLD", "nats"),
-        "min_top1": ("min top-1 agreement", "%"),
-        "min_cosine": ("min mean cosine to base", ""),
-    },
-}
-
-_PPL_METHODS = {
-    "chunks": "non-overlapping windows of ctx tokens, the second half of each scored (llama.cpp's method)",
-    "sliding": "windows of ctx tokens moved by the stride, each token scored once (the transformers guide's method)",
 }
 
 
@@ -164,49 +129,38 @@ def with_error(value: float, error: float | None, digits: int = 4) -> tuple[str,
 
 
 def _figure_cell(row: Row, figure: Figure) -> Cell:
-    value = scaled(getattr(row, figure.key), figure)
+    value = scaled(row.get(figure.key), figure)
     if value is None:
         return Cell("—", missing=True)
     if figure.key == "skipped_layers":
         return Cell(f"{value:,}")
     if figure.unit == "MB":
         return Cell(f"{value:,.1f}")
-    error = scaled(getattr(row, figure.err_key), figure) if figure.err_key else None
+    error = scaled(row.get(figure.err_key), figure) if figure.err_key else None
     if figure.unit in ("tok/s", "seq/s") and error is None:
         return Cell(f"{value:,.1f}")
     return Cell(*with_error(value, error, figure.digits))
 
 
-def _value_text(key: str, value: Any, section: str) -> str:
-    if value is None:
-        return "—"
-    if (section, key) in (("budget", "min_top1"), ("method", "mask_rate")) and isinstance(
-        value, (int, float)
-    ):
-        return f"{100 * value:g}"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True)
-    return str(value)
+def _labels(results: dict[str, Any], section: str) -> Mapping[str, Label]:
+    task = get_task(results.get("task"))
+    if section == "method":
+        return task.method_labels
+    if section == "budget":
+        return task.budget_labels
+    return _LABELS.get(section, {})
 
 
 def _group(results: dict[str, Any], section: str) -> list[tuple[str, str, str]]:
     data = results.get(section) or {}
-    labels = _LABELS.get(section, {})
+    labels = _labels(results, section)
     order = [k for k in labels if k in data] + [k for k in data if k not in labels]
     items = []
     for key in order:
-        label, unit = labels.get(key, (key, ""))
+        label = labels.get(key, Label(key))
         value = data[key]
-        text = _value_text(key, value, section)
-        if section == "method" and key == "ppl_method" and value in _PPL_METHODS:
-            unit = _PPL_METHODS[value]
-        items.append((label, text, unit if value is not None else ""))
+        unit = label.values.get(value, label.unit) if isinstance(value, str) else label.unit
+        items.append((label.label, setting_text(value, label.percent), unit if value is not None else ""))
     return items
 
 
@@ -253,7 +207,7 @@ def build_table(runs: list[tuple[dict[str, Any], list[Row]]], table_id: str, wit
     """
     all_rows = [row for _, rows in runs for row in rows]
     candidates = figures_for([task_of(results) for results, _ in runs])
-    figures = [f for f in candidates if any(getattr(r, f.key) is not None for r in all_rows)]
+    figures = [f for f in candidates if any(r.get(f.key) is not None for r in all_rows)]
     missing = [f.label for f in candidates if f not in figures]
     scores = task_scores(task_columns(all_rows))
     headers = [(f.label, f.unit) for f in figures]
@@ -308,8 +262,9 @@ def run_view(results: dict[str, Any], index: int = 0) -> RunView:
     dataset = results.get("dataset") or {}
     bos = method.get("bos")
     prefix = f"run{index}-"
+    percent = {key for key, label in _labels(results, "method").items() if label.percent}
     summary = {
-        key: _value_text(key, value, "method")
+        key: setting_text(value, key in percent)
         for key, value in {**method, **environment, "dataset": dataset.get("name")}.items()
     }
     max_kld = budget.get("max_kld")
@@ -322,7 +277,7 @@ def run_view(results: dict[str, Any], index: int = 0) -> RunView:
             ),
             decode_speed(rows, chosen, prefix + "decode-speed"),
         ]
-    elif rows:
+    elif rows and task in ("masked-lm", "embedding"):
         min_cosine = budget.get("min_cosine")
         quality = (
             quality_vs_size(
@@ -368,49 +323,8 @@ def run_view(results: dict[str, Any], index: int = 0) -> RunView:
         table=build_table([(results, rows)], prefix + "results", with_model=False),
         charts=charts,
         created=str(results.get("created") or "—"),
-        caption=None if task == "causal-lm" else encoder_caption(results),
+        caption=get_task(task).caption(results),
     )
-
-
-def encoder_caption(results: dict[str, Any]) -> str:
-    """The method line under an encoder run's table: what was masked or embedded, how many, with
-    which seed and window, and how speed was timed (all read from results.json's method).
-
-    Args:
-        results: a results.json of a "masked-lm" or "embedding" run.
-    """
-    method = results.get("method") or {}
-    environment = results.get("environment") or {}
-    dataset = (results.get("dataset") or {}).get("name", "—")
-
-    def v(key: str, section: dict[str, Any] = method) -> str:
-        return _value_text(key, section.get(key), "method")
-
-    if task_of(results) == "masked-lm":
-        rate = method.get("mask_rate")
-        rate_text = f"{100 * rate:g}%" if isinstance(rate, (int, float)) else "—"
-        quality = (
-            f"PPPL: {v('pppl_method')}. {v('windows')} windows of {v('ctx')} tokens of {dataset} "
-            f"([CLS] text [SEP]); {rate_text} of each window's text tokens masked at once, positions "
-            f"drawn with seed {v('mask_seed')}; {v('tokens_masked')} masked tokens scored, {v('dtype')}. "
-            "KLD is KL(base ‖ variant) and top-1 agreement is over the masked positions; "
-            "± is the standard error (PPPL, KLD) or the standard deviation (speed)."
-        )
-    else:
-        quality = (
-            f"Sentence vectors: {v('sentences')} sentences of {dataset} ({v('sentence_rule')}), "
-            f"embedded by the base and by each variant with {v('pooling')}, {v('dtype')}. Cosine: each "
-            "sentence's vector against the base's (mean, min). NN@k agreement: overlap of each "
-            f"sentence's top-{v('nn_k')} nearest neighbours (cosine, among the other sentences) "
-            "under the variant and under the base. ± is the standard deviation (speed)."
-        )
-    speed = (
-        f"Encode: sequences/s of one forward over {v('encode_batch')} sequences of {v('encode_length')} "
-        f"tokens (random tokens of the text, attention mask all ones), median of {v('speed_runs')} "
-        f"timed runs after a warm-up, on {v('device', environment)} with {v('threads', environment)} "
-        "threads. MB = 10^6 bytes; — = not measured."
-    )
-    return f"{quality} {speed}"
 
 
 def _environment() -> Any:

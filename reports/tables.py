@@ -1,328 +1,60 @@
 """The figures of a results.json as a table: one row per variant, units in the column names.
 
 Nothing is computed here beyond unit conversions (bytes to MB, fractions to %): every number comes
-from results.json as it is, and a figure that was not measured stays empty. `FIGURES` is the one
-list of a decoder run's columns, with their units; `MASKED_LM_FIGURES` and `EMBEDDING_FIGURES`
-are an encoder run's (pseudo-perplexity, or sentence-vector cosine and neighbour agreement, and
-encode throughput in place of perplexity and decode speed). `figures_for(task)` picks the list by
-the results' `task`; the CSV and the HTML report both read it.
+from results.json as it is, and a figure that was not measured stays empty. Which figures a run
+has, with their columns, labels and units, is its task's word (`Task.figures`, in
+`hubquant/evaluate/tasks/`): `figures_for(task)` reads them by the results' `task`, for the CSV and
+the HTML report alike.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubquant.errors import HubquantError
-from hubquant.evaluate.results import Row, rows_of, task_of
+from hubquant.evaluate.results import COMMON, Row, rows_of, task_of
+from hubquant.evaluate.tasks import Figure, get_task, registered_tasks
 from hubquant.files import write_text_atomic
 
 if TYPE_CHECKING:
     import pandas as pd
 
-MB = 1e6  # a megabyte here is 10^6 bytes
-
-
-@dataclass(frozen=True)
-class Figure:
-    """One measured figure of a row, with its unit.
-
-    Args:
-        key: the `Row` field it comes from.
-        column: the CSV column name, its unit in parentheses.
-        label: the HTML table's header.
-        unit: the unit as shown after a value ("" when the figure has none).
-        scale: multiplies the stored value (bytes -> MB, fraction -> %).
-        err_key: the `Row` field of its standard error or standard deviation, if any.
-        err_column: the CSV column name of that error.
-        meaning: what the figure is, for the HTML report's glossary ("" when the label says it).
-        digits: significant digits shown when the figure has no error (cosines need more than 4).
-    """
-
-    key: str
-    column: str
-    label: str
-    unit: str = ""
-    scale: float = 1.0
-    err_key: str | None = None
-    err_column: str | None = None
-    meaning: str = ""
-    digits: int = 4
-
-
-# Quality first (what the budget judges), then size, speed and memory.
-FIGURES: tuple[Figure, ...] = (
-    Figure("ppl", "ppl", "PPL", err_key="ppl_err", err_column="ppl_err", meaning="perplexity of the text"),
-    Figure(
-        "kld_mean",
-        "kld_mean (nats)",
-        "KLD mean",
-        "nats",
-        err_key="kld_err",
-        err_column="kld_err (nats)",
-        meaning="KL(base ‖ variant) of the next-token distributions, per scored token",
-    ),
-    Figure(
-        "top1_agreement",
-        "top1_agreement (%)",
-        "top-1 agree",
-        "%",
-        scale=100,
-        meaning="share of scored tokens where the variant's most likely token is the base's",
-    ),
-    Figure("kld_median", "kld_median (nats)", "KLD median", "nats"),
-    Figure("kld_p99", "kld_p99 (nats)", "KLD p99", "nats", meaning="99th percentile of the per-token KLD"),
-    Figure("kld_max", "kld_max (nats)", "KLD max", "nats"),
-    Figure(
-        "dp_rms",
-        "dp_rms (%)",
-        "RMS Δp",
-        "%",
-        scale=100,
-        meaning="root mean square change in the probability of the correct token, percentage points",
-    ),
-    Figure("nll", "nll (nats/token)", "NLL", "nats/token", meaning="mean negative log-likelihood (ln PPL)"),
-    Figure("disk_bytes", "disk (MB)", "disk", "MB", scale=1 / MB, meaning="size of the saved variant"),
-    Figure(
-        "weight_bytes",
-        "weights (MB)",
-        "weights",
-        "MB",
-        scale=1 / MB,
-        meaning="bytes of the weights in memory once loaded",
-    ),
-    Figure(
-        "decode_tok_s",
-        "decode (tok/s)",
-        "decode",
-        "tok/s",
-        err_key="decode_sd",
-        err_column="decode_sd (tok/s)",
-        meaning="new tokens per second at batch 1",
-    ),
-    Figure(
-        "prefill_tok_s",
-        "prefill (tok/s)",
-        "prefill",
-        "tok/s",
-        err_key="prefill_sd",
-        err_column="prefill_sd (tok/s)",
-        meaning="prompt tokens per second",
-    ),
-    Figure("ttft_s", "ttft (s)", "TTFT", "s", meaning="time to first token"),
-    Figure("load_s", "load (s)", "load", "s", meaning="time to load the variant"),
-    Figure(
-        "peak_rss_bytes",
-        "peak_rss (MB)",
-        "peak RSS",
-        "MB",
-        scale=1 / MB,
-        meaning="largest resident memory of the process while the variant was measured",
-    ),
-    Figure(
-        "cuda_peak_allocated_bytes",
-        "cuda_peak_allocated (MB)",
-        "CUDA alloc.",
-        "MB",
-        scale=1 / MB,
-        meaning="peak CUDA memory allocated by tensors",
-    ),  # fmt: skip
-    Figure(
-        "cuda_peak_reserved_bytes",
-        "cuda_peak_reserved (MB)",
-        "CUDA reserved",
-        "MB",
-        scale=1 / MB,
-        meaning="peak CUDA memory reserved by the caching allocator",
-    ),  # fmt: skip
-    Figure(
-        "skipped_layers",
-        "skipped_layers",
-        "skipped",
-        "layers",
-        meaning="layers the method left unquantized",
-    ),
-)
-
-_BY_KEY = {f.key: f for f in FIGURES}
-_MEMORY = tuple(
-    _BY_KEY[key]
-    for key in (
-        "load_s",
-        "peak_rss_bytes",
-        "cuda_peak_allocated_bytes",
-        "cuda_peak_reserved_bytes",
-        "skipped_layers",
-    )
-)
-ENCODE = Figure(
-    "encode_seq_s",
-    "encode (seq/s)",
-    "encode",
-    "seq/s",
-    err_key="encode_sd",
-    err_column="encode_sd (seq/s)",
-    meaning="sequences encoded per second, one forward over the timed batch (its shape is in the method), "
-    "median of the timed runs",
-)
-
-# Encoders with a masked-LM head: pseudo-perplexity and agreement over the masked tokens.
-MASKED_LM_FIGURES: tuple[Figure, ...] = (
-    Figure(
-        "pppl",
-        "pppl",
-        "PPPL",
-        err_key="pppl_err",
-        err_column="pppl_err",
-        meaning="pseudo-perplexity: exp of the mean NLL of the masked tokens (15% masked per pass)",
-    ),
-    Figure(
-        "kld_mean",
-        "kld_mean (nats)",
-        "KLD mean",
-        "nats",
-        err_key="kld_err",
-        err_column="kld_err (nats)",
-        meaning="KL(base ‖ variant) of the masked-token distributions, per masked token",
-    ),
-    Figure(
-        "top1_agreement",
-        "top1_agreement (%)",
-        "top-1 agree",
-        "%",
-        scale=100,
-        meaning="share of masked tokens where the variant's most likely token is the base's",
-    ),
-    _BY_KEY["kld_median"],
-    Figure("kld_p99", "kld_p99 (nats)", "KLD p99", "nats", meaning="99th percentile of the per-token KLD"),
-    _BY_KEY["kld_max"],
-    Figure(
-        "dp_rms",
-        "dp_rms (%)",
-        "RMS Δp",
-        "%",
-        scale=100,
-        meaning="root mean square change in the probability of the masked (original) token, percentage points",
-    ),
-    Figure("nll", "nll (nats/token)", "NLL", "nats/token", meaning="mean NLL of the masked tokens (ln PPPL)"),
-    Figure("masked_tokens", "masked_tokens", "masked", "tokens", meaning="tokens masked and scored"),
-    _BY_KEY["disk_bytes"],
-    _BY_KEY["weight_bytes"],
-    ENCODE,
-    *_MEMORY,
-)
-
-# Encoders without a head (sentence embedders): each sentence's vector against the base's.
-EMBEDDING_FIGURES: tuple[Figure, ...] = (
-    Figure(
-        "cos_mean",
-        "cos_mean",
-        "cosine mean",
-        meaning="mean cosine similarity of each sentence's vector to the base's vector of it",
-        digits=6,
-    ),
-    Figure("cos_min", "cos_min", "cosine min", meaning="the least of those cosines", digits=6),
-    Figure(
-        "nn_agreement",
-        "nn_agreement (%)",
-        "NN@k agree",
-        "%",
-        scale=100,
-        meaning="share of each sentence's k nearest neighbours (by cosine, among the other sentences; "
-        "k = 10 unless there are fewer) that are also its nearest under the base, averaged",
-    ),
-    _BY_KEY["disk_bytes"],
-    _BY_KEY["weight_bytes"],
-    ENCODE,
-    *_MEMORY,
-)
-
-_FIGURES_BY_TASK = {"causal-lm": FIGURES, "masked-lm": MASKED_LM_FIGURES, "embedding": EMBEDDING_FIGURES}
-
 
 def figures_for(tasks: str | list[str]) -> tuple[Figure, ...]:
-    """The figures of a run's task ("causal-lm", "masked-lm", "embedding"), or of several runs'
-    tasks together (each column once, in first-seen order).
+    """The figures of a run's task (`Task.figures`), or of several runs' tasks together (each
+    column once, in first-seen order).
 
     Args:
-        tasks: one task, or the tasks of the runs in one table.
+        tasks: one task's name, or the names of the runs' tasks in one table.
     """
     out: dict[str, Figure] = {}
     for task in [tasks] if isinstance(tasks, str) else tasks:
-        for figure in _FIGURES_BY_TASK.get(task, FIGURES):
+        for figure in get_task(task).figures:
             out.setdefault(figure.column, figure)
     return tuple(out.values())
 
 
-# Run-wide settings repeated on every CSV row, so that a row carries its method next to its
-# numbers: (section of results.json, key, column).
-METHOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("dataset", "name", "dataset"),
-    ("dataset", "sha256", "text_sha256"),
-    ("method", "ppl_method", "ppl_method"),
-    ("method", "ctx", "ctx (tokens)"),
-    ("method", "stride", "stride (tokens)"),
-    ("method", "tokens_scored", "tokens_scored"),
-    ("method", "bos", "bos"),
-    ("method", "dtype", "dtype"),
-    ("method", "speed_runs", "speed_runs"),
-    ("method", "decode_tokens", "decode_tokens"),
-    ("environment", "device", "device"),
-    ("environment", "device_name", "device_name"),
-    ("environment", "threads", "threads"),
-)
-_ENCODER_SPEED_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("method", "dtype", "dtype"),
-    ("method", "speed_runs", "speed_runs"),
-    ("method", "encode_batch", "encode_batch"),
-    ("method", "encode_length", "encode_length (tokens)"),
-    ("environment", "device", "device"),
-    ("environment", "device_name", "device_name"),
-    ("environment", "threads", "threads"),
-)
-MASKED_LM_METHOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("dataset", "name", "dataset"),
-    ("dataset", "sha256", "text_sha256"),
-    ("method", "ctx", "ctx (tokens)"),
-    ("method", "windows", "windows"),
-    ("method", "mask_rate", "mask_rate"),
-    ("method", "mask_seed", "mask_seed"),
-    ("method", "tokens_masked", "tokens_masked"),
-    *_ENCODER_SPEED_COLUMNS,
-)
-EMBEDDING_METHOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("dataset", "name", "dataset"),
-    ("dataset", "sha256", "text_sha256"),
-    ("method", "sentences", "sentences"),
-    ("method", "nn_k", "nn_k"),
-    ("method", "pooling", "pooling"),
-    *_ENCODER_SPEED_COLUMNS,
-)
-_METHOD_COLUMNS_BY_TASK = {
-    "causal-lm": METHOD_COLUMNS,
-    "masked-lm": MASKED_LM_METHOD_COLUMNS,
-    "embedding": EMBEDDING_METHOD_COLUMNS,
-}
-
-
 def method_columns_for(tasks: str | list[str]) -> tuple[tuple[str, str, str], ...]:
-    """The run-wide settings repeated on CSV rows for a task (or several tasks, each column once).
+    """The run-wide settings repeated on CSV rows for a task (`Task.method_columns`), or for
+    several tasks (each column once).
 
     Args:
-        tasks: one task, or the tasks of the runs in one table.
+        tasks: one task's name, or the names of the runs' tasks in one table.
     """
     out: dict[str, tuple[str, str, str]] = {}
     for task in [tasks] if isinstance(tasks, str) else tasks:
-        for item in _METHOD_COLUMNS_BY_TASK.get(task, METHOD_COLUMNS):
+        for item in get_task(task).method_columns:
             out.setdefault(item[2], item)
     return tuple(out.values())
 
 
-_ALL_FIGURES = FIGURES + MASKED_LM_FIGURES + EMBEDDING_FIGURES
-_NUMERIC = {f.key for f in _ALL_FIGURES} | {f.err_key for f in _ALL_FIGURES if f.err_key}
+def _numeric() -> set[str]:
+    """The row keys that must hold numbers: every registered task's figures and their errors."""
+    figures = [f for task in registered_tasks() for f in task.figures]
+    return {f.key for f in figures} | {f.err_key for f in figures if f.err_key}
 
 
 def scaled(value: float | None, figure: Figure) -> float | None:
@@ -350,21 +82,21 @@ def checked_rows(results: dict[str, Any]) -> list[Row]:
     rows = results.get("rows", [])
     if not isinstance(rows, list):
         raise HubquantError("results.json: 'rows' is not a list; rerun `hubquant eval`")
-    known = {f.name for f in fields(Row)}
+    numeric = _numeric()
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("variant"), str) or not row["variant"]:
             raise HubquantError(f"results.json: rows[{i}] has no variant name; rerun `hubquant eval`")
         for key, value in row.items():
-            if key not in known or value is None:
+            if value is None:
                 continue
-            if key in _NUMERIC and (
+            if key in numeric and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
             ):
                 raise HubquantError(
                     f"results.json: rows[{i}].{key} is {value!r}, not a finite number or null; "
                     "rerun `hubquant eval`"
                 )
-            if key in ("tasks", "method_settings") and not isinstance(value, dict):
+            if key in COMMON and isinstance(COMMON[key], dict) and not isinstance(value, dict):
                 raise HubquantError(f"results.json: rows[{i}].{key} is not an object; rerun `hubquant eval`")
             if key == "notes" and not isinstance(value, list):
                 raise HubquantError(f"results.json: rows[{i}].notes is not a list; rerun `hubquant eval`")
@@ -407,9 +139,9 @@ def _records(
     for row in checked_rows(results):
         record: dict[str, Any] = {"variant": row.variant}
         for figure in figures:
-            record[figure.column] = scaled(getattr(row, figure.key), figure)
+            record[figure.column] = scaled(row.get(figure.key), figure)
             if figure.err_key:
-                record[figure.err_column] = scaled(getattr(row, figure.err_key), figure)
+                record[figure.err_column] = scaled(row.get(figure.err_key), figure)
         for task, metric in pairs:
             metrics = row.tasks.get(task)
             value = metrics.get(metric) if isinstance(metrics, dict) else None

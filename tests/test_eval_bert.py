@@ -87,10 +87,10 @@ def test_masked_lm_rows_and_pppl_equal_transformers(mlm_run) -> None:
     assert base["nll"] == pytest.approx(math.log(want), rel=1e-4)
     for row in (base, int8):
         assert row["pppl"] > 1 and 0 < row["pppl_err"] < row["pppl"]
-        assert row["ppl"] is None and row["decode_tok_s"] is None  # no decoder figures
+        assert "ppl" not in row and "decode_tok_s" not in row  # no decoder figures
         assert row["encode_seq_s"] > 0 and row["encode_sd"] >= 0
         assert row["disk_bytes"] > 0 and row["weight_bytes"] > 0 and row["load_s"] > 0
-        assert row["cos_mean"] is None
+        assert "cos_mean" not in row
     assert base["kld_mean"] == 0 and base["top1_agreement"] == 1
     assert int8["kld_mean"] > 0 and 0.5 <= int8["top1_agreement"] <= 1
     assert int8["method_settings"]["method"] == "int8"
@@ -154,7 +154,7 @@ def check_embedding_results(results: dict, out: Path, sentences: int, speed: boo
     assert base["nn_agreement"] == 1.0
     assert 0 <= int8["nn_agreement"] <= 1 and int8["cos_min"] <= int8["cos_mean"] <= 1
     for row in (base, int8):
-        assert row["pppl"] is None and row["kld_mean"] is None and row["ppl"] is None
+        assert not {"pppl", "kld_mean", "ppl"} & set(row)
     assert results["budget"] == {"min_cosine": 0.99}
     html = (out / "report.html").read_text()
     for column in (">cosine mean<", ">cosine min<", ">NN@k agree<", ">disk<") + (
@@ -175,7 +175,7 @@ def test_embedder_tiny_bert(bert_checkpoint, tmp_path: Path) -> None:
         out=out, progress=False,
     )  # fmt: skip
     int8 = check_embedding_results(results, out, 40, speed=False)
-    assert int8["cos_mean"] > 0.9 and int8["encode_seq_s"] is None
+    assert int8["cos_mean"] > 0.9 and "encode_seq_s" not in int8
     assert "mean pooling" in results["method"]["pooling"]
 
 

@@ -23,7 +23,6 @@ LAYERS = [
     (
         "hubquant.evaluate.driver",
         "hubquant.evaluate.run",
-        "hubquant.evaluate.encoder",
         "hubquant.evaluate.sweep",
         "hubquant.quantize.push",
         "hubquant.cli",

@@ -112,16 +112,16 @@ def int3(monkeypatch: pytest.MonkeyPatch) -> MethodInfo:
 
 def test_a_new_method_reaches_every_list(int3: MethodInfo, tmp_path: Path) -> None:
     from hubquant.cli import build_parser
-    from hubquant.evaluate.run import _check_variants
+    from hubquant.evaluate.settings import check_variants
     from hubquant.evaluate.sweep import read_spec
 
     parser = build_parser()
     args = parser.parse_args(["quantize", "some/model", "--method", "int3"])
     assert args.method == "int3"
-    _check_variants(["base", "int3"])  # eval's variants
+    check_variants(["base", "int3"])  # eval's variants
     assert registry.default_variants()[:2] == ("base", "int3")
     spec = tmp_path / "sweep.yaml"
     spec.write_text("models: [some/model]\n")
     assert read_spec(spec)["variants"][:2] == ["base", "int3"]  # the sweep's default
     with pytest.raises(HubquantError, match="use any of base, int3, int4"):
-        _check_variants(["int5"])
+        check_variants(["int5"])

@@ -84,7 +84,7 @@ def make_results(model_id: str = EVIL, **budget: float) -> dict[str, Any]:
         },  # fmt: skip
         "budget": budget,
         "rows": [row_dict(r) for r in rows],
-        "verdict": verdict(rows, budget["max_kld"], budget["min_top1"]),
+        "verdict": verdict(rows, budget),
         "created": "2026-11-22T03:00:00Z",
     }
 

@@ -132,15 +132,15 @@ def test_run_resumes_after_an_interrupted_variant(smollm2_folder: Path, tmp_path
         variants=["base", "int8"], ctx=32, max_chunks=2, speed=False, out=out, dtype="fp32", progress=False
     )
     measured: list[str] = []
-    real = run._measure
+    real = run.measure_variant
 
-    def measure(variant, *a, **k):
+    def measure(task, variant, *a, **k):
         measured.append(variant)
         if variant == "int8" and measured.count("int8") == 1:
             raise KeyboardInterrupt  # as Ctrl-C would, mid-run
-        return real(variant, *a, **k)
+        return real(task, variant, *a, **k)
 
-    monkeypatch.setattr(run, "_measure", measure)
+    monkeypatch.setattr(run, "measure_variant", measure)
     with pytest.raises(KeyboardInterrupt):
         run.run_eval(str(smollm2_folder), **args)
     first = json.loads((out / "results.json").read_text())

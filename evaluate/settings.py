@@ -10,7 +10,7 @@ setting means anything for the model at hand is the task's check (`evaluate/task
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ class EvalSettings:
     compile: bool = False
     device: str = "auto"
     device_map: str | dict[str, Any] | None = None
-    max_memory: dict[Any, Any] | None = field(default=None, hash=False)
+    max_memory: dict[Any, Any] | None = None
     out: str | Path | None = None
     force: bool = False
     max_kld: float = DEFAULT_MAX_KLD

@@ -7,7 +7,7 @@
     out: results/sweep                                 # optional; --out wins
 
 Each (model, variant) is one Ray task running the very code of `hubquant eval` for that variant
-(`run_eval(variants=[variant])`) in a folder of its own (OUT/<model>/tasks/<variant>/). A task asks
+(`run_eval(EvalSettings(variants=(variant,), ...))`) in a folder of its own (OUT/<model>/tasks/<variant>/). A task asks
 Ray for what its variant needs (a GPU when the eval runs on one; one CPU otherwise; memory: the
 checkpoint's bytes twice), so Ray packs tasks onto the cluster's machines. As tasks finish, the
 driver (one process: no two writers) merges their rows into OUT/<model>/results.json, exactly

@@ -166,3 +166,14 @@ def test_settings_are_one_value():
     assert settings.variants == ("base", "int8") and settings.variant_list == ("base", "int8")
     with pytest.raises(HubquantError, match="--ctx 2"):
         settings.with_(ctx=2).check()
+
+
+def test_cli_task_flag_names_a_task(bert_checkpoint, tmp_path: Path, capsys):
+    from hubquant.cli import main
+
+    folder, _ = bert_checkpoint("bert_mlm")
+    capsys.readouterr()  # the fixture's own output
+    assert main(["eval", str(folder), "--task", "causal-lm", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--task causal-lm does not apply" in err[0], err
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -298,7 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=None, help="use only the text's first N tokens")
     ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, scored per variant")
     ev.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
-    ev.add_argument("--compile", action="store_true", help="measure decode with the compiled step")
+    timing = ev.add_mutually_exclusive_group()
+    timing.add_argument("--compile", action="store_true", default=None,
+                        help="time decode with the compiled step (the default on a GPU)")  # fmt: skip
+    timing.add_argument("--eager", dest="compile", action="store_false", default=None,
+                        help="time decode eagerly (the default on the CPU)")  # fmt: skip
     ev.add_argument("--out", default=None, help="results folder (default results/<org>__<name>)")
     ev.add_argument("--force", action="store_true", help="start over even if OUT holds results")
     ev.add_argument("--max-kld", type=float, default=0.05, help="verdict budget: mean KLD, nats")

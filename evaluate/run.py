@@ -166,7 +166,9 @@ def measure_variant(task: Task, variant: str, base: torch.nn.Module, base_load_s
     )
     if model is not base:
         row.notes += task.adopt(model, base, variant)
-    row.update(task.measure(model, base, variant))
+    figures = task.measure(model, base, variant)
+    row.notes += figures.pop("notes", [])
+    row.update(figures)
     row.disk_bytes = folder_bytes(vfolder)
     row.weight_bytes = weight_bytes(model)
     row.peak_rss_bytes = peak_rss_bytes()

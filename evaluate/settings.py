@@ -44,7 +44,8 @@ class EvalSettings:
         dtype: the base model's dtype and the activations' of every variant ("bf16", "fp32").
         tasks: lm-eval task names, scored per variant (causal LMs).
         speed: measure speed (decode and prefill, or encode throughput).
-        compile: decoders: measure decode with the compiled step.
+        compile: decoders: time decode with the compiled step (CUDA graphs on a GPU) or eagerly
+            (False); None: compiled on a GPU, where a deployment runs it so, eager on the CPU.
         device: "auto" (cuda when available), "cpu", "cuda", "cuda:N".
         device_map, max_memory: decoders: spread the base over GPUs, CPU and disk (as `hubquant.load`).
         out: the results folder (None: results/<org>__<name>).
@@ -68,7 +69,7 @@ class EvalSettings:
     dtype: str = "bf16"
     tasks: tuple[str, ...] | None = None
     speed: bool = True
-    compile: bool = False
+    compile: bool | None = None
     device: str = "auto"
     device_map: str | dict[str, Any] | None = None
     max_memory: dict[Any, Any] | None = None

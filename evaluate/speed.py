@@ -22,8 +22,15 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _times(fn: Callable[[], object], device: torch.device | str, runs: int) -> list[float]:
-    fn()  # warm-up, left out
+def _times(
+    fn: Callable[[], object], device: torch.device | str, runs: int, warmup: list[float] | None = None
+) -> list[float]:
+    sync(device)
+    start = time.perf_counter()
+    fn()  # warm-up, left out (its time goes to `warmup` when given: a compile's cost)
+    sync(device)
+    if warmup is not None:
+        warmup.append(time.perf_counter() - start)
     out = []
     for _ in range(runs):
         sync(device)
@@ -56,18 +63,21 @@ def measure_speed(
         decode_tokens: new tokens per decode run.
         runs: measured runs (at least 3 for a standard deviation worth stating).
         device: the model's device.
-        compile: decode with the compiled step (its compile happens in the warm-up run).
+        compile: decode with the compiled step (its compile happens in the warm-up run, whose
+            time is returned as `decode_warmup_s`).
     """
     gen = torch.Generator().manual_seed(0)
     long = torch.randint(100 if vocab_size > 200 else 0, vocab_size, (1, ctx), generator=gen).to(device)
     prompt = long[:, :16]
     prefill = [ctx / t for t in _times(lambda: model(long), device, runs)]
+    warmup: list[float] = []
     decode = [
         decode_tokens / t
         for t in _times(
             lambda: model.generate(prompt, max_new_tokens=decode_tokens, eos_ids=[], compile=compile),
             device,
             runs,
+            warmup,
         )
     ]
     ttft = _times(lambda: model.generate(prompt, max_new_tokens=1, eos_ids=[]), device, runs)
@@ -77,6 +87,7 @@ def measure_speed(
         "decode_tok_s": statistics.mean(decode),
         "decode_sd": statistics.stdev(decode) if runs > 1 else 0.0,
         "ttft_s": statistics.mean(ttft),
+        **({"decode_warmup_s": warmup[0]} if compile else {}),
     }
 
 

@@ -9,7 +9,12 @@ step compile once and never again:
 - the slot to write and each row's RoPE position are tensors, not Python ints, so no value is
   baked into the graph;
 - fused projections are checked before compiling (`drop_stale_fusions`), since `data_ptr()` cannot
-  be traced.
+  be traced;
+- everything the step writes (the cache's keys, values and valid mask, the positions, the slot) is
+  one preallocated state kept on the model (`static_cache`) and marked as a static address, like
+  the weights: the graph mutates no input of its own, so CUDA graphs are captured (inductor skips
+  them for a graph that mutates other inputs), and the next generate of the same shape reuses the
+  very tensors (and the captured graph) instead of recording again.
 
 Inductor compiles it on the CPU; on a GPU the step also runs as a CUDA graph ("reduce-overhead").
 Compiled artifacts go to the hubquant cache (`$HUBQUANT_CACHE/compile`, default
@@ -80,6 +85,43 @@ def static_step(model: Decoder, token: torch.Tensor, cache: KVCache, slot: torch
     return model.lm_head(model.norm(x))[:, -1]
 
 
+def static_cache(
+    model: Decoder, batch: int, length: int, dtype: torch.dtype, device: torch.device | str
+) -> KVCache:
+    """The model's decode state for compiled steps: one `KVCache` (and its `slot`) per model,
+    kept and reused while the shape is the same, emptied for each new generate.
+
+    Its tensors are marked as static addresses (`torch._dynamo.mark_static_address`): the compiled
+    step's writes into them are writes into state that stays put, as a module's buffers are, which
+    CUDA graphs replay; a fresh cache per call would be a mutated graph input instead.
+
+    Args:
+        model: the decoder.
+        batch: rows.
+        length: slots (bucketed: `bucketed`).
+        dtype, device: those of the model.
+    """
+    key = (batch, length, dtype, str(torch.device(device)))
+    held = model.__dict__.get("_static_cache")
+    if held is not None and held[0] == key:
+        cache = held[1]
+        cache.valid.zero_()
+        cache.next_pos.zero_()
+        cache.length, cache.padded = 0, False
+        return cache
+    cache = KVCache(model.config, batch, length, dtype, device)
+    cache.slot = torch.zeros(1, dtype=torch.long, device=device)
+    for tensor in (cache.k, cache.v, cache.valid, cache.next_pos, cache.slot):
+        torch._dynamo.mark_static_address(tensor)
+    model.__dict__["_static_cache"] = (key, cache)
+    return cache
+
+
+def compile_options(model: Decoder) -> dict[str, Any]:
+    """How the step is compiled: inductor, with CUDA graphs on a GPU (tests swap the backend)."""
+    return {"mode": "reduce-overhead"} if model.device.type == "cuda" else {}
+
+
 def compiled_step(model: Decoder) -> Any:
     """The model's compiled `static_step` (compiled on its first call, kept on the model).
 
@@ -95,8 +137,7 @@ def compiled_step(model: Decoder) -> Any:
     if step is None:
         compile_cache_dir()
         drop_stale_fusions(model)
-        mode = "reduce-overhead" if model.device.type == "cuda" else None
-        step = torch.compile(static_step, dynamic=False, mode=mode)
+        step = torch.compile(static_step, dynamic=False, **compile_options(model))
         model.__dict__["_compiled_step"] = step
     return step
 

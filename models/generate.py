@@ -13,7 +13,7 @@ import torch
 
 from hubquant.errors import HubquantError
 
-from .compiled import advance, bucketed, compiled_step
+from .compiled import advance, bucketed, compiled_step, static_cache
 from .layers import KVCache
 
 if TYPE_CHECKING:
@@ -128,11 +128,13 @@ def generate(
     eos = list(model.config.eos_token_ids if eos_ids is None else eos_ids)
     pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
     batch, seq = input_ids.shape
-    step_fn = slot = None
-    length = seq + max_new_tokens
+    step_fn = None
     if compile:
-        step_fn, length = compiled_step(model), bucketed(length)
-    cache = KVCache(model.config, batch, length, model.dtype, input_ids.device)
+        step_fn = compiled_step(model)
+        cache = static_cache(model, batch, bucketed(seq + max_new_tokens), model.dtype, input_ids.device)
+    else:
+        cache = KVCache(model.config, batch, seq + max_new_tokens, model.dtype, input_ids.device)
+    slot = cache.slot
     stop = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     new: list[torch.Tensor] = []
@@ -146,9 +148,9 @@ def generate(
             if bool(done.all()):
                 break
         if step + 1 < max_new_tokens:
-            if step_fn is not None:
-                if slot is None:
-                    slot = torch.tensor([cache.length], device=input_ids.device)
+            if step_fn is not None and slot is not None:
+                if step == 0:
+                    slot.fill_(cache.length)  # the first slot after the prompt
                 logits = step_fn(model, token[:, None], cache, slot)
                 advance(cache, slot)
             else:

@@ -319,6 +319,7 @@ class KVCache:
         self.length = 0
         self.padded = False
         self.max_len = max_len
+        self.slot: torch.Tensor | None = None  # compiled steps: the slot to write (`static_cache`)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values for `layer`; return every key/value so far (on the layer's

@@ -66,3 +66,40 @@ def test_compile_refuses_dynamic_rope(hf_checkpoint):
     model, _ = hubquant.load(folder, dtype="fp32", progress=False)
     with pytest.raises(HubquantError, match="dynamic-NTK"):
         model.generate(sample_ids(batch=1, seq=4), max_new_tokens=2, compile=True)
+
+
+def test_the_compiled_step_mutates_only_static_state(hf_checkpoint, monkeypatch):
+    """What CUDA graphs need, checked on the CPU: every graph input the compiled step writes (the
+    KV cache, the valid mask, the positions, the slot) is static state, as the weights are, read
+    from AOTAutograd's own records of the graph (its input-mutation metadata). A cache made fresh
+    per call would be a mutated graph input, and inductor would skip CUDA graphs for it."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._guards import TracingContext
+
+    import hubquant.models.compiled as compiled
+
+    records: list[tuple[set[int], set[int]]] = []
+
+    def recording(gm, example_inputs):
+        def forward(graph, inputs):
+            meta = TracingContext.get().fw_metadata
+            mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
+            records.append((mutated, set(meta.static_input_indices)))
+            return graph
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward)
+
+    monkeypatch.setattr(compiled, "compile_options", lambda model: {"backend": recording})
+    folder, _ = hf_checkpoint("llama_gqa")
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    ids = sample_ids(batch=1, seq=5)
+    eager = model.generate(ids, max_new_tokens=6, eos_ids=[])
+    first = model.generate(ids, max_new_tokens=6, eos_ids=[], compile=True)
+    cache = model.__dict__["_static_cache"][1]
+    second = model.generate(ids, max_new_tokens=9, eos_ids=[], compile=True)
+    assert torch.equal(first, eager) and torch.equal(second[:, : first.shape[1]], first)
+    assert len(records) == 1, "the step compiled more than once"
+    mutated, static = records[0]
+    assert mutated, "the step writes its cache: some input must be mutated"
+    assert mutated <= static, f"inputs {sorted(mutated - static)} are mutated but not static state"
+    assert model.__dict__["_static_cache"][1] is cache  # the same tensors, call after call

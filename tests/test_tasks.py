@@ -177,3 +177,22 @@ def test_cli_task_flag_names_a_task(bert_checkpoint, tmp_path: Path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--task causal-lm does not apply" in err[0], err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_decode_is_timed_compiled_on_a_gpu_unless_eager():
+    from hubquant.cli import build_parser, eval_settings
+    from hubquant.evaluate.tasks.causal_lm import CausalLM
+
+    parser = build_parser()
+    for argv, want in ((["eval"], None), (["eval", "--compile"], True), (["eval", "--eager"], False)):
+        assert eval_settings(parser.parse_args(argv)).compile is want, argv
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--compile", "--eager"])
+    for compile, device, timed_compiled in (
+        (None, "cpu", False),
+        (None, "cuda", True),  # what a deployment runs on a GPU
+        (False, "cuda", False),
+        (True, "cpu", True),
+    ):
+        task = CausalLM(EvalSettings(compile=compile), None, torch.device(device))
+        assert task.compiled is timed_compiled, (compile, device)

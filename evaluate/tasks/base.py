@@ -230,7 +230,8 @@ class Task:
         return []
 
     def measure(self, model: Any, base: Any, variant: str = "variant") -> dict[str, Any]:
-        """The task's figures of `model` (the base, or a variant measured against it), by name."""
+        """The task's figures of `model` (the base, or a variant measured against it), by name;
+        a `notes` list among them goes to the row's notes."""
         raise NotImplementedError
 
     # -- judging and telling, from rows alone (results.json may come from another process) ---------

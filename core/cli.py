@@ -191,6 +191,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
             force=args.force,
             device_map=args.device_map,
             max_memory=parse_max_memory(args.max_memory),
+            device=None if args.device_map else args.device,
             **options,
         )
         print(report_summary(report))
@@ -385,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
     for p in (gen, emb, ev):
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
+    quant.add_argument(
+        "--device",
+        default=None,
+        help="quantize each layer on: cpu, cuda, cuda:1... (default: cuda if available)",
+    )
     return parser
 
 

@@ -127,7 +127,7 @@ def start_row(
         row.load_s = base_load_s
         row.method_settings = {"dtype": str(dtype).removeprefix("torch.")}
         return row, base, checkpoint.folder
-    vfolder = make_variant(variant, checkpoint, out, progress)
+    vfolder = make_variant(variant, checkpoint, out, progress, device)
     start = time.perf_counter()
     model, _ = load(vfolder, dtype=dtype, device=device, progress=progress)
     row.load_s = time.perf_counter() - start
@@ -140,8 +140,12 @@ def start_row(
     return row, model, vfolder
 
 
-def make_variant(variant: str, checkpoint: Checkpoint, out: Path, progress: bool) -> Path:
-    """The variant's folder under OUT/variants, made (streamed) unless already complete there."""
+def make_variant(
+    variant: str, checkpoint: Checkpoint, out: Path, progress: bool, device: torch.device | None = None
+) -> Path:
+    """The variant's folder under OUT/variants, made (streamed) unless already complete there. On
+    a GPU run, each layer is quantized on that GPU (one at a time beside the base); the folder is
+    the same portable one the CPU writes."""
     if variant.startswith("gguf:"):
         source = Path(variant[5:]).expanduser()
         target = out / "variants" / f"gguf-{source.stem}"
@@ -151,5 +155,6 @@ def make_variant(variant: str, checkpoint: Checkpoint, out: Path, progress: bool
 
     target = out / "variants" / variant
     if not (target / "config.json").is_file():  # folders appear only when complete
-        quantize_checkpoint(checkpoint, target, variant, force=True, progress=progress)
+        on = device if device is not None and device.type == "cuda" else None
+        quantize_checkpoint(checkpoint, target, variant, force=True, progress=progress, device=on)
     return target

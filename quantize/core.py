@@ -211,6 +211,7 @@ def quantize_checkpoint(
     progress: bool = True,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[Path, QuantReport]:
     """Stream a checkpoint into a quantized Hub-layout folder that transformers loads unchanged.
 
@@ -230,6 +231,9 @@ def quantize_checkpoint(
         device_map, max_memory: quantize each layer on the device a device map gives it (as
             `hubquant.load` plans it: GPUs first); layers mapped to the CPU or disk are quantized
             on the CPU. The folder written is the same as without.
+        device: quantize each layer on this device ("cuda", "cuda:N"; one layer there at a time:
+            read on the CPU, moved, quantized, written back): the same saved layout as on the CPU,
+            so the folder loads anywhere. None: the CPU (or the device map's devices).
 
     Returns:
         (the folder, the report).
@@ -238,6 +242,7 @@ def quantize_checkpoint(
     from hubquant.models.checkpoint import Checkpoint, shard_files
 
     target_dtype = torch_dtype(dtype)
+    on = _quantize_device(device, device_map)
     out = Path(out).expanduser().absolute()
     check_out(out, force)
     if method != "int4" and (group_size is not None or hqq):
@@ -256,15 +261,39 @@ def quantize_checkpoint(
         streamer.plan = plan_device_map(streamer.model, device_map, max_memory, target_dtype)
     else:
         _check_streaming_memory(streamer, source, target_dtype)
+        if on is not None:
+            _check_streaming_memory(streamer, source, target_dtype, on)
+            streamer.device = on
     with staging(out, force) as tmp:
         report = _write_quantized(streamer, quantizer, tmp, include_head, progress)
         _write_metadata(folder, tmp, hf_config, quantizer, report, target_dtype, streamer, source)
     return out, report
 
 
-def _check_streaming_memory(streamer: _LayerStreamer, source: str | Path, dtype: torch.dtype) -> None:
+def _quantize_device(device: str | torch.device | None, device_map: Any) -> torch.device | None:
+    """The one device every layer is quantized on (None: the CPU, or a device map's devices)."""
+    if device is None:
+        return None
+    if device_map is not None:
+        raise HubquantError("--device and --device-map both say where to quantize; give one of them")
+    try:
+        on = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HubquantError(f"--device {device} is not a device; use cpu, cuda or cuda:N") from None
+    if on.type == "cpu":
+        return None
+    if on.type != "cuda" or not torch.cuda.is_available():
+        raise HubquantError(f"--device {device}: no such device here; use cpu, or run where a GPU is")
+    if on.index is not None and on.index >= torch.cuda.device_count():
+        raise HubquantError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return on
+
+
+def _check_streaming_memory(
+    streamer: _LayerStreamer, source: str | Path, dtype: torch.dtype, device: Any = "cpu"
+) -> None:
     """Refuse, before anything is read, a checkpoint whose largest layer (or embeddings and head)
-    cannot be held twice in the base dtype: the peak of streaming, one group at a time."""
+    cannot be held twice in the base dtype on `device`: the peak of streaming, one group at a time."""
 
     def group_bytes(names: list[str]) -> int:
         total = 0
@@ -280,7 +309,7 @@ def _check_streaming_memory(streamer: _LayerStreamer, source: str | Path, dtype:
     smaller = "--dtype bf16 or " if dtype.itemsize > 2 else ""
     check_memory(
         needed,
-        "cpu",
+        device,
         what=f"quantizing {source} (its largest layer twice, in {name})",
         fix=f"free memory, or use {smaller}a machine with more memory",
     )
@@ -325,9 +354,13 @@ class _LayerStreamer:
             raise HubquantError(f"tensor {family.to_hub(missing[0])} is missing from {folder}")
 
     plan: dict[str, Any] | None = None  # a device map: where each layer is quantized
+    device: torch.device | None = None  # or the one device every layer is quantized on
 
     def place(self, layer: int) -> None:
-        """Move a materialized layer to the GPU its device map gives it (CPU and disk: stay)."""
+        """Move a materialized layer to the GPU its device map (or `device`) gives it."""
+        if self.device is not None:
+            self.model.layers[layer].to(self.device)
+            return
         if self.plan is None:
             return
 
@@ -432,6 +465,8 @@ def _write_quantized(
                     model.lm_head.weight = nn.Parameter(
                         model.embed.weight.detach().clone(), requires_grad=False
                     )
+                if streamer.device is not None:
+                    model.lm_head.to(streamer.device)
                 targets.append(_Target(HEAD, model.lm_head))
             for target in targets:
                 module, record = _quantize_one(method, target, runtime=False)

@@ -8,14 +8,16 @@ exactly what transformers writes and reads for `TorchAoConfig(quant_type=config)
 
 int4 has two layouts:
 
-- saved (what the files hold, and what transformers loads): on the CPU, torchao's
-  `IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(g), mapping_type=ASYMMETRIC)`
-  layout, an `IntxUnpackedToInt8Tensor`: one int8 byte per 4-bit value q in [-8, 7], and per group
-  one scale s (base dtype) and one int8 zero point zp; the weight is (q - zp) * s. On CUDA,
-  `Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")`, packed and saveable.
-- runtime on the CPU: torchao's `Int4OpaqueTensor` (the `_weight_int4pack_mm_for_cpu` kernel that
-  `PrototypeInt4WeightOnlyConfig` uses), repacked from the saved values by `to_runtime`. That
-  kernel computes (n - 8) * s + z from unsigned nibbles n and a float zero z, both s and z in the
+- saved (what the files hold, and what transformers loads), the same whichever device quantized
+  it: torchao's `IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(g),
+  mapping_type=ASYMMETRIC)` layout, an `IntxUnpackedToInt8Tensor`: one int8 byte per 4-bit value q
+  in [-8, 7], and per group one scale s (base dtype) and one int8 zero point zp; the weight is
+  (q - zp) * s. (Folders that an older hubquant packed on CUDA, `tile_packed_to_4d`, still load
+  there.)
+- runtime, repacked from the saved values by `to_runtime`: on the CPU torchao's `Int4OpaqueTensor`
+  (the `_weight_int4pack_mm_for_cpu` kernel that `PrototypeInt4WeightOnlyConfig` uses); on CUDA its
+  `Int4TilePackedTo4dTensor` (tinygemm's `_weight_int4pack_mm`), padded to that kernel's multiples
+  with zero weights. Both kernels compute (n - 8) * s + z from unsigned nibbles n and a float zero z, both s and z in the
   activations' dtype. With n = q + 8 and z = -zp * s it computes exactly the saved weight, provided
   -zp * s is exact in bf16. So the scales are chosen to make it so: torchao's asymmetric min/max
   scale, rounded up to 5 significant bits (never clipping more), times |zp| <= 8 (at most 3
@@ -370,10 +372,10 @@ class Int4(_TorchaoMethod):
         "input values (the group size above); activations stay in the base dtype."
     )
     sizes: ClassVar[str] = (
-        "Made on a CPU, int4 is saved in torchao's portable layout, one byte per 4-bit value "
-        "(`IntxUnpackedToInt8Tensor`), because torchao cannot save its packed CPU layout; made on "
-        "CUDA it is saved packed (`tile_packed_to_4d`). hubquant packs the weights at load time into "
-        "the fast layout of the device it runs on, two values per byte, which is the run-time figure. "
+        "int4 is saved in torchao's portable layout, one byte per 4-bit value "
+        "(`IntxUnpackedToInt8Tensor`), wherever it was made, so a folder made on a GPU loads on a "
+        "CPU and the other way round. hubquant packs the weights at load time into the fast layout "
+        "of the device it runs on, two values per byte, which is the run-time figure. "
         "transformers keeps the saved layout in memory."
     )
     repacks: ClassVar[bool] = True
@@ -416,24 +418,11 @@ class Int4(_TorchaoMethod):
         )
 
     def torchao_config(self, layer_settings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
-        from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig, MappingType, PerGroup
-        from torchao.quantization.quantize_.workflows import (
-            Int4ChooseQParamsAlgorithm,
-            Int4PackingFormat,
-            IntxChooseQParamsAlgorithm,
-        )
+        from torchao.quantization import IntxWeightOnlyConfig, MappingType, PerGroup
+        from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
 
         group = layer_settings["group_size"]
         hqq = layer_settings.get("hqq", False)
-        if device.type == "cuda" and dtype == torch.bfloat16:
-            # Packed on the GPU, saveable, and the layout the CUDA tinygemm kernel runs.
-            return Int4WeightOnlyConfig(
-                group_size=group,
-                int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D,
-                int4_choose_qparams_algorithm=(
-                    Int4ChooseQParamsAlgorithm.HQQ if hqq else Int4ChooseQParamsAlgorithm.TINYGEMM
-                ),
-            )
         if hqq:
             return IntxWeightOnlyConfig(
                 weight_dtype=torch.int4,
@@ -445,9 +434,9 @@ class Int4(_TorchaoMethod):
         )
 
     def quantize(self, linear: nn.Linear, layer_settings: dict[str, Any]) -> nn.Module:
-        """Quantize into the saved layout: on the CPU an `IntxUnpackedToInt8Tensor` whose
-        qparams the CPU kernel can hold exactly (module docstring); on CUDA torchao's packed
-        tile layout.
+        """Quantize into the saved layout, the same on every device: an `IntxUnpackedToInt8Tensor`
+        whose qparams the CPU and CUDA kernels can hold exactly (module docstring). A folder made
+        on a GPU loads on a CPU and the other way round; `to_runtime` packs for the device.
 
         Args:
             linear: the full-precision layer (left unchanged).
@@ -457,8 +446,6 @@ class Int4(_TorchaoMethod):
         from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
 
         weight = linear.weight.detach()
-        if weight.device.type == "cuda" and weight.dtype == torch.bfloat16:
-            return super().quantize(linear, layer_settings)
         group = layer_settings["group_size"]
         block = (1, group)  # what IntxWeightOnlyConfig passes; the metadata records it
         if layer_settings.get("hqq", False):
@@ -484,8 +471,8 @@ class Int4(_TorchaoMethod):
         return module
 
     def saved_config(self) -> Any:
-        # Checkpoints are streamed on the CPU, so they hold the CPU's saveable layout. The group
-        # size recorded is the one asked for; each weight's own block size is in its metadata.
+        # One saved layout on every device. The group size recorded is the one asked for; each
+        # weight's own block size is in its metadata.
         return self.torchao_config(
             {"group_size": self.group_size, "hqq": self.hqq}, torch.device("cpu"), torch.bfloat16
         )
@@ -503,9 +490,10 @@ class Int4(_TorchaoMethod):
         return cls(group_size=config.granularity.group_size, hqq=hqq)
 
     def to_runtime(self, module: nn.Module) -> nn.Module:
-        """On the CPU, repack the saved int4 values into torchao's `Int4OpaqueTensor` (the
-        `_weight_int4pack_mm_for_cpu` kernel), exactly: same integers, same scales, and the
-        kernel's float zero -zp * s, where that is exact.
+        """Repack the saved int4 values for the device's kernel, exactly (same integers, same
+        scales, the kernel's float zero -zp * s where that is exact): on the CPU torchao's
+        `Int4OpaqueTensor` (`_weight_int4pack_mm_for_cpu`), on CUDA its `Int4TilePackedTo4dTensor`
+        (tinygemm's `_weight_int4pack_mm`, bf16 activations).
 
         Args:
             module: a saved-layout module from `quantize` or `load_module`.
@@ -516,7 +504,7 @@ class Int4(_TorchaoMethod):
             raise HubquantError(
                 "this int4 variant was packed for CUDA (tile_packed_to_4d); load it with device='cuda'"
             )
-        opaque = _to_int4_opaque(weight)
+        opaque = _to_int4_tile_packed(weight) if weight.device.type == "cuda" else _to_int4_opaque(weight)
         if opaque is None:
             return module
         # A new module: the saved-layout one may still be written out (core streams it). A model
@@ -622,15 +610,13 @@ class Bf16Linear(nn.Linear):
 INT4_PACK_ROWS = 64
 
 
-def _to_int4_opaque(weight: torch.Tensor) -> torch.Tensor | None:
-    """`weight` (an `IntxUnpackedToInt8Tensor` holding int4) as an `Int4OpaqueTensor` with the
-    same values and bf16 scales (the kernel's activations are bf16 whatever the model's dtype), or
-    None where the CPU kernel cannot take it exactly."""
-    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+def _tinygemm_qparams(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The saved int4 values as the int4pack kernels (CPU and CUDA) take them: unsigned nibbles
+    [out, in] (int32, q + 8), bf16 scales and float zeros [out, groups]; None when the weight is
+    not plain grouped int4, or when bf16 cannot hold its qparams exactly."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
-    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
-    if not isinstance(weight, IntxUnpackedToInt8Tensor) or weight.device.type != "cpu":
+    if not isinstance(weight, IntxUnpackedToInt8Tensor):
         return None
     out_features, in_features = weight.shape
     group = weight.block_size[-1]
@@ -641,8 +627,8 @@ def _to_int4_opaque(weight: torch.Tensor) -> torch.Tensor | None:
         or out_features % OUT_MULTIPLE
     ):
         return None
-    # The kernel is fast with bf16 activations only (8x slower with fp32, measured), and its scales
-    # and zeros must be in the activations' dtype: bf16, exactly, or not at all.
+    # The kernels are fast with bf16 activations only (8x slower with fp32 on the CPU, measured), and
+    # their scales and zeros must be in the activations' dtype: bf16, exactly, or not at all.
     scale = weight.scale.to(torch.bfloat16)
     zero = -weight.zero_point.to(torch.bfloat16) * scale
     exact = -weight.zero_point.double() * weight.scale.double()
@@ -650,8 +636,52 @@ def _to_int4_opaque(weight: torch.Tensor) -> torch.Tensor | None:
         # Another tool's qparams whose float zero bf16 cannot hold: keep the saved layout rather
         # than change the weights.
         return None
-    # Signed int4 [-8, 7] -> the kernel's unsigned nibbles [0, 15]; it subtracts 8 back.
-    nibbles = weight.qdata.to(torch.int32) + 8
+    # Signed int4 [-8, 7] -> the kernels' unsigned nibbles [0, 15]; they subtract 8 back.
+    return weight.qdata.to(torch.int32) + 8, scale, zero
+
+
+# tinygemm (CUDA) takes the inner dimension in multiples of this and output rows in multiples of 8;
+# torchao pads both the same way, and its linear pads the activations to match.
+CUDA_INNER_MULTIPLE, CUDA_ROW_MULTIPLE, CUDA_INNER_K_TILES = 1024, 8, 8
+
+
+def _to_int4_tile_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` (saved int4 on a CUDA device) as torchao's `Int4TilePackedTo4dTensor`, the
+    tinygemm layout: the same values, padded with zero weights (nibble 8, scale 1, zero 0) to the
+    kernel's multiples, two nibbles a byte, packed by `_convert_weight_to_int4pack`."""
+    from torchao.quantization import Int4TilePackedTo4dTensor
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    qparams = _tinygemm_qparams(weight)
+    if qparams is None:
+        return None
+    nibbles, scale, zero = qparams
+    out_features, in_features = weight.shape
+    group = weight.block_size[-1]
+    rows = -(-out_features // CUDA_ROW_MULTIPLE) * CUDA_ROW_MULTIPLE
+    inner = -(-in_features // CUDA_INNER_MULTIPLE) * CUDA_INNER_MULTIPLE
+    nibbles = torch.nn.functional.pad(nibbles, (0, inner - in_features, 0, rows - out_features), value=8)
+    pad_groups = (0, inner // group - scale.shape[1], 0, rows - out_features)
+    scale = torch.nn.functional.pad(scale, pad_groups, value=1.0)
+    zero = torch.nn.functional.pad(zero, pad_groups, value=0.0)
+    pairs = (nibbles[:, ::2] << 4 | nibbles[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), CUDA_INNER_K_TILES)
+    scale_and_zero = pack_tinygemm_scales_and_zeros(scale, zero, torch.bfloat16)
+    return Int4TilePackedTo4dTensor(packed, scale_and_zero, [1, group], weight.shape)
+
+
+def _to_int4_opaque(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` (an `IntxUnpackedToInt8Tensor` holding int4) as an `Int4OpaqueTensor` with the
+    same values and bf16 scales (the kernel's activations are bf16 whatever the model's dtype), or
+    None where the CPU kernel cannot take it exactly."""
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    qparams = _tinygemm_qparams(weight) if weight.device.type == "cpu" else None
+    if qparams is None:
+        return None
+    nibbles, scale, zero = qparams
+    group = weight.block_size[-1]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)  # inner k tiles: unused on CPU
     scale_and_zero = pack_tinygemm_scales_and_zeros(scale, zero, torch.bfloat16)
     return Int4OpaqueTensor(packed, scale_and_zero, [1, group], weight.shape)

@@ -499,3 +499,22 @@ def test_a_bf16_variant_loads_in_fp32(variants, method):
     else:
         assert q.weight.dtype == torch.float32
     assert rel(_logits(model, sample_ids()), v["reloaded"]) < 0.01
+
+
+def test_quantize_device_is_checked_before_anything_is_read(hf_checkpoint, tmp_path: Path):
+    """`--device` names where each layer is quantized; a device this machine lacks, or one given
+    with a device map, is a one-line error, and nothing is written."""
+    folder, _ = hf_checkpoint("llama_gqa")
+    out = tmp_path / "out"
+    cases = [("gpu", None, "is not a device"), ("cuda", "auto", "give one of them")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", None, "no such device here"))
+    for device, device_map, message in cases:
+        with pytest.raises(HubquantError, match=message):
+            quantize_checkpoint(folder, out, "int8", device=device, device_map=device_map, progress=False)
+        assert not out.exists()
+    # "cpu" is the CPU path itself: the same bytes.
+    a, _ = quantize_checkpoint(folder, tmp_path / "a", "int4", progress=False)
+    b, _ = quantize_checkpoint(folder, tmp_path / "b", "int4", device="cpu", progress=False)
+    for shard in sorted(a.glob("*.safetensors")):
+        assert shard.read_bytes() == (b / shard.name).read_bytes()

@@ -19,7 +19,9 @@ from hubquant.errors import HubquantError
 from hubquant.models.checkpoint import Checkpoint
 from hubquant.models.dispatch import describe_device_map
 from hubquant.models.loading import load
+from hubquant.quantize.calibration import CalibrationSettings
 from hubquant.quantize.core import quantize_checkpoint
+from hubquant.quantize.registry import variant_folder
 
 from .results import Row, read_results, rows_of
 from .speed import reset_peak_rss
@@ -111,6 +113,7 @@ def start_row(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool,
+    calibration: CalibrationSettings | None = None,
 ) -> tuple[Row, torch.nn.Module, Path]:
     """A variant's row begun the same way for every kind of model: memory peaks reset, the variant
     made (streamed into OUT/variants) and loaded, its load time and settings recorded.
@@ -127,7 +130,7 @@ def start_row(
         row.load_s = base_load_s
         row.method_settings = {"dtype": str(dtype).removeprefix("torch.")}
         return row, base, checkpoint.folder
-    vfolder = make_variant(variant, checkpoint, out, progress, device)
+    vfolder = make_variant(variant, checkpoint, out, progress, device, calibration)
     start = time.perf_counter()
     model, _ = load(vfolder, dtype=dtype, device=device, progress=progress)
     row.load_s = time.perf_counter() - start
@@ -141,7 +144,12 @@ def start_row(
 
 
 def make_variant(
-    variant: str, checkpoint: Checkpoint, out: Path, progress: bool, device: torch.device | None = None
+    variant: str,
+    checkpoint: Checkpoint,
+    out: Path,
+    progress: bool,
+    device: torch.device | None = None,
+    calibration: CalibrationSettings | None = None,
 ) -> Path:
     """The variant's folder under OUT/variants, made (streamed) unless already complete there. On
     a GPU run, each layer is quantized on that GPU (one at a time beside the base); the folder is
@@ -153,8 +161,10 @@ def make_variant(
             convert(source, target, dtype="bf16", force=True, progress=progress)
         return target
 
-    target = out / "variants" / variant
+    target = out / "variants" / variant_folder(variant)
     if not (target / "config.json").is_file():  # folders appear only when complete
         on = device if device is not None and device.type == "cuda" else None
-        quantize_checkpoint(checkpoint, target, variant, force=True, progress=progress, device=on)
+        quantize_checkpoint(
+            checkpoint, target, variant, force=True, progress=progress, device=on, calibration=calibration
+        )
     return target

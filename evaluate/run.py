@@ -33,6 +33,7 @@ from hubquant.models import load
 from hubquant.models.checkpoint import Checkpoint
 from hubquant.models.config import torch_dtype
 from hubquant.models.loading import torch_device
+from hubquant.quantize.calibration import CalibrationSettings
 from hubquant.reports import write_report
 
 from .data import load_text
@@ -161,8 +162,17 @@ def measure_variant(task: Task, variant: str, base: torch.nn.Module, base_load_s
         out: the run's OUT.
     """
     s, device = task.settings, task.device
+    calibration = CalibrationSettings(dataset=s.dataset, samples=s.calib_samples, length=s.calib_len)
     row, model, vfolder = start_row(
-        variant, base, base_load_s, task.checkpoint, out, torch_dtype(s.dtype), device, s.progress
+        variant,
+        base,
+        base_load_s,
+        task.checkpoint,
+        out,
+        torch_dtype(s.dtype),
+        device,
+        s.progress,
+        calibration,
     )
     if model is not base:
         row.notes += task.adopt(model, base, variant)

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubquantError
-from hubquant.quantize.registry import default_variants, method_names
+from hubquant.quantize.registry import default_variants, method_class, method_names, parse_variant
 
 DEFAULT_MAX_KLD = 0.05
 DEFAULT_MIN_TOP1 = 0.90
 DEFAULT_MIN_COSINE = 0.99  # embedders: the mean cosine to the base's sentence vectors
 DEFAULT_CTX = 512  # decoders; masked-LM encoders default to 128 (evaluate/tasks/masked_lm.py)
+DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_LEN = 64, 256  # as hubquant.quantize.calibration's defaults
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class EvalSettings:
         min_cosine: the verdict's budget for embedders (least mean cosine to the base's vectors).
         revision: Hub branch, tag or commit.
         progress: show progress bars.
+        calib_samples, calib_len: calibrated variants (`int4-gptq`): sequences and tokens per
+            sequence drawn from the calibration slice of `dataset` (never scored).
     """
 
     model: str | None = None
@@ -80,6 +83,8 @@ class EvalSettings:
     min_cosine: float = DEFAULT_MIN_COSINE
     revision: str | None = None
     progress: bool = True
+    calib_samples: int = DEFAULT_CALIB_SAMPLES
+    calib_len: int = DEFAULT_CALIB_LEN
 
     def __post_init__(self) -> None:
         # Lists from the CLI, a YAML file or a caller become tuples: the value stays immutable.
@@ -141,6 +146,9 @@ class EvalSettings:
             raise HubquantError(
                 f"--max-kld {self.max_kld} --min-top1 {self.min_top1}: KLD must be >= 0, top-1 in 0..1"
             )
+        for flag, value in (("--calib-samples", self.calib_samples), ("--calib-len", self.calib_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise HubquantError(f"{flag} {value!r}: give a whole number of at least 2")
         if not -1 <= self.min_cosine <= 1:
             raise HubquantError(f"--min-cosine {self.min_cosine}: a cosine similarity lies in -1..1")
 
@@ -159,7 +167,14 @@ def check_variants(variants: Sequence[str]) -> None:
             if not path.is_file():
                 raise HubquantError(f"variant {v}: GGUF file {path} not found; check the path")
             continue
+        if v.split(":")[0] in method_names():
+            name, options = parse_variant(v)  # options after the method: gN, hqq, act
+            if options:
+                method_class(name)(**options)  # the method checks their values (one line)
+            continue
         known = ", ".join(("base", *method_names(), "gguf:PATH"))
-        raise HubquantError(f"variant '{v}' is unknown; use any of {known}")
+        raise HubquantError(
+            f"variant '{v}' is unknown; use any of {known} (settings after a colon: int4:g64)"
+        )
     if len(set(variants)) != len(variants):
         raise HubquantError("--variants names a variant twice; name each once")

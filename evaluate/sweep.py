@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubquantError
-from hubquant.quantize.registry import default_variants
+from hubquant.quantize.registry import default_variants, variant_folder
 from hubquant.reports import compare, write_report
 
 from .results import Row, model_folder_name, read_results, rows_of, save_results, verdict
@@ -242,7 +242,7 @@ def _run_tasks(
     remote = ray.remote(_task)
     pending = {}
     for model, variant in todo:
-        task_out = root / model_folder_name(model) / "tasks" / variant
+        task_out = root / model_folder_name(model) / "tasks" / variant_folder(variant)
         options = _resources(model, spec["eval"])
         ref = remote.options(**options).remote(model, variant, spec["dataset"], spec["eval"], str(task_out))
         pending[ref] = (model, variant)

@@ -89,6 +89,7 @@ class Method(ABC):
     sizes: ClassVar[str]  # the card's sentences on disk against run-time bytes (Markdown)
     repacks: ClassVar[bool] = False  # hubquant.load packs the saved layout into another for the device
     default_eval: ClassVar[bool] = True  # `hubquant eval` makes it without --variants
+    calibrated: ClassVar[bool] = False  # needs calibration text: `solve` each layer before `quantize_named`
 
     @property
     @abstractmethod
@@ -103,6 +104,16 @@ class Method(ABC):
     def quantize(self, linear: nn.Linear, layer_settings: dict[str, Any]) -> nn.Module:
         """The module replacing `linear`, in the layout that is saved (full-precision weights in,
         on any device). `to_runtime` then turns it into the fastest layout for its device."""
+
+    def quantize_named(self, name: str, linear: nn.Linear, layer_settings: dict[str, Any]) -> nn.Module:
+        """`quantize` for the layer named `name` (canonical, "layers.3.attn.q"): a calibrated method
+        uses what it solved for that layer. Default: `quantize`."""
+        return self.quantize(linear, layer_settings)
+
+    def solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor) -> None:
+        """Calibrated methods: work out the layer's quantized weights from the Hessian (X^T X) of
+        its inputs on calibration text, before `quantize_named` is called for it."""
+        raise NotImplementedError(f"{self.name} is not calibrated")
 
     def to_runtime(self, module: nn.Module) -> nn.Module:
         """The fastest runtime layout of a quantized module for the device it is on (int4 on the

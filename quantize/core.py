@@ -15,6 +15,7 @@ layer is read. The folder is built under a temporary name and renamed into place
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from collections.abc import Iterator
@@ -44,8 +45,9 @@ if TYPE_CHECKING:
     from hubquant.models.checkpoint import Checkpoint
 
 from .base import LayerRecord, Method, QuantReport, tensor_bytes
+from .calibration import CalibrationSettings, LayerCalibration, calibration_ids
 from .card import write_card
-from .registry import get_method
+from .registry import get_method, method_class, parse_variant
 
 # Projections of a layer (decoder or encoder), by canonical module name; all of them are quantized.
 PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
@@ -122,7 +124,7 @@ def _quantize_one(method: Method, target: _Target, runtime: bool) -> tuple[nn.Mo
     plan = method.plan(target.name, linear)
     if isinstance(plan, str):
         return None, LayerRecord(target.name, shape, skipped=plan, disk_bytes=tensor_bytes(linear.weight))
-    saved = method.quantize(linear, plan)
+    saved = method.quantize_named(target.name, linear, plan)
     disk = sum(tensor_bytes(t) for t in method.hf_tensors(saved, "m").values())
     disk -= tensor_bytes(linear.bias) if linear.bias is not None else 0
     # Runtime bytes are those of the runtime layout even when streaming the saved one to disk.
@@ -212,6 +214,7 @@ def quantize_checkpoint(
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
     device: str | torch.device | None = None,
+    calibration: CalibrationSettings | None = None,
 ) -> tuple[Path, QuantReport]:
     """Stream a checkpoint into a quantized Hub-layout folder that transformers loads unchanged.
 
@@ -221,7 +224,8 @@ def quantize_checkpoint(
     Args:
         source: a Hub repo id, a local Hub-layout folder or a `Checkpoint`, as for `hubquant.load`.
         out: the output folder (built beside itself, renamed into place when complete).
-        method, group_size, hqq, include_head: as for `quantize`. The folder holds the same
+        method, group_size, hqq, include_head: as for `quantize`; `method` may carry settings as
+            `--variants` names them ("int4:g64", "int4-gptq:g64:act"). The folder holds the same
             tensors as the source (tied ones once), the quantized projections in the method's
             layout, everything else in `dtype`.
         dtype: the base dtype of everything not quantized (and of int4's scales).
@@ -231,6 +235,8 @@ def quantize_checkpoint(
         device_map, max_memory: quantize each layer on the device a device map gives it (as
             `hubquant.load` plans it: GPUs first); layers mapped to the CPU or disk are quantized
             on the CPU. The folder written is the same as without.
+        calibration: what a calibrated method (`int4-gptq`) learns from (default: 64 sequences of
+            256 tokens from the calibration slice of python-docs, seed 0); ignored by the others.
         device: quantize each layer on this device ("cuda", "cuda:N"; one layer there at a time:
             read on the CPU, moved, quantized, written back): the same saved layout as on the CPU,
             so the folder loads anywhere. None: the CPU (or the device map's devices).
@@ -245,10 +251,7 @@ def quantize_checkpoint(
     on = _quantize_device(device, device_map)
     out = Path(out).expanduser().absolute()
     check_out(out, force)
-    if method != "int4" and (group_size is not None or hqq):
-        raise HubquantError(f"--group-size and --hqq apply to int4 only, not to {method}")
-    settings = {"group_size": group_size, "hqq": hqq} if method == "int4" else {}
-    quantizer = get_method(method, **settings)
+    quantizer = _configured(method, group_size, hqq)
     checkpoint = Checkpoint.resolve(source, revision)
     folder, hf_config, family = checkpoint.folder, checkpoint.config, checkpoint.family
     source = checkpoint.source or folder
@@ -264,10 +267,28 @@ def quantize_checkpoint(
         if on is not None:
             _check_streaming_memory(streamer, source, target_dtype, on)
             streamer.device = on
+    calib = None
+    if quantizer.calibrated:
+        if streamer.config.kind == "encoder":
+            raise HubquantError(f"{quantizer.name} calibrates decoders; use int4 for an encoder")
+        ids, record = calibration_ids(folder, family, hf_config, calibration or CalibrationSettings())
+        quantizer.calibration = record
+        calib = LayerCalibration(ids)
     with staging(out, force) as tmp:
-        report = _write_quantized(streamer, quantizer, tmp, include_head, progress)
+        report = _write_quantized(streamer, quantizer, tmp, include_head, progress, calib)
         _write_metadata(folder, tmp, hf_config, quantizer, report, target_dtype, streamer, source)
     return out, report
+
+
+def _configured(method: str | Method, group_size: int | None, hqq: bool) -> Method:
+    """The method with its settings: from a variant name ("int4:g64") and the explicit ones."""
+    if not isinstance(method, str):
+        return method
+    name, settings = parse_variant(method)
+    explicit = {k: v for k, v in (("group_size", group_size), ("hqq", hqq)) if v not in (None, False)}
+    if explicit and "group_size" not in inspect.signature(method_class(name)).parameters:
+        raise HubquantError(f"--group-size and --hqq apply to int4 only, not to {name}")
+    return get_method(name, **{**settings, **explicit})
 
 
 def _quantize_device(device: str | torch.device | None, device_map: Any) -> torch.device | None:
@@ -415,7 +436,12 @@ class _LayerStreamer:
 
 
 def _write_quantized(
-    streamer: _LayerStreamer, method: Method, tmp: Path, include_head: bool, progress: bool
+    streamer: _LayerStreamer,
+    method: Method,
+    tmp: Path,
+    include_head: bool,
+    progress: bool,
+    calib: LayerCalibration | None = None,
 ) -> QuantReport:
     from tqdm.auto import tqdm
 
@@ -460,6 +486,11 @@ def _write_quantized(
             tensors: dict[str, torch.Tensor] = {}
             done: set[str] = set()
             targets = list(_projections(model, group)) if group is not None else []
+            if calib is not None:
+                if group is None:
+                    calib.begin(model)  # the embeddings are loaded now
+                else:
+                    calib.layer(model.layers[group], method, [(t.name, t.linear) for t in targets])
             if group is None and include_head:
                 if model.config.tie_embeddings:
                     model.lm_head.weight = nn.Parameter(
@@ -494,6 +525,8 @@ def _write_quantized(
             del tensors
             streamer.release(group)
     streamer.weight_map, streamer.total_size = weight_map, total
+    if calib is not None:
+        report.settings.setdefault("calibration", {}).update(calib.summary())
     return report
 
 

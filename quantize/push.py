@@ -30,6 +30,7 @@ from hubquant.errors import HubquantError
 from hubquant.evaluate.results import read_results  # the one reader; light (no torch)
 from hubquant.files import read_json
 from hubquant.models.hub import hub_endpoint, transport_failure
+from hubquant.quantize.registry import method_names
 
 from .card import (
     CARD,
@@ -157,7 +158,7 @@ def find_results(folder: Path, method: str, results: str | Path | None = None) -
     if results is not None:
         path = Path(results).expanduser()
         data = _read_results(path)
-        names = [name for name in dict.fromkeys((folder.name, method)) if name != "base"]
+        names = [name for name in dict.fromkeys((_variant_name(folder), method)) if name != "base"]
         row = variant_row(data, names)
         if row is None:
             rows = ", ".join(r["variant"] for r in result_rows(data)) or "none"
@@ -174,7 +175,7 @@ def find_results(folder: Path, method: str, results: str | Path | None = None) -
             data = _read_results(path)
         except HubquantError:  # not results of this hubquant: then no figures, as without a file
             return None
-        row = variant_row(data, [folder.name]) if folder.name != "base" else None
+        row = variant_row(data, [_variant_name(folder)]) if folder.name != "base" else None
         if row is None:
             return None
     figures = Figures(path, data, row["variant"])
@@ -404,3 +405,9 @@ def push(
         raise _hub_error(error, repo_id, revision, secrets) from error
     url = getattr(info, "commit_url", None) or str(info)
     return str(url)
+
+
+def _variant_name(folder: Path) -> str:
+    """The variant a folder under an eval's OUT/variants holds ("int4_g64" -> "int4:g64")."""
+    name = folder.name
+    return name.replace("_", ":") if name.split("_")[0] in method_names() else name

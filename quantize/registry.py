@@ -82,6 +82,39 @@ def default_variants() -> tuple[str, ...]:
     return ("base", *(name for name, info in methods().items() if info.default_eval))
 
 
+VARIANT_OPTIONS = "gN (group size N), hqq, act (activation order)"
+
+
+def parse_variant(variant: str) -> tuple[str, dict[str, Any]]:
+    """A variant name as `--variants` and sweeps take it: a method, then settings after colons:
+    `int4`, `int4:g64` (group size 64), `int4:hqq`, `int4-gptq:g64:act` (activation order).
+
+    Returns:
+        (the method's name, its settings by keyword).
+
+    Raises:
+        HubquantError: an unknown method or option (the settings' values are the method's to check).
+    """
+    name, *options = variant.split(":")
+    if name not in methods():
+        known = ", ".join(method_names())
+        raise HubquantError(f"variant '{variant}': method '{name}' is unknown; use one of {known}")
+    settings: dict[str, Any] = {}
+    for option in options:
+        if option[:1] == "g" and option[1:].isdigit():
+            settings["group_size"] = int(option[1:])
+        elif option in ("hqq", "act"):
+            settings["hqq" if option == "hqq" else "act_order"] = True
+        else:
+            raise HubquantError(f"variant '{variant}': option '{option}' is unknown; use {VARIANT_OPTIONS}")
+    return name, settings
+
+
+def variant_folder(variant: str) -> str:
+    """The folder name of a variant under an eval's OUT/variants ("int4:g64" -> "int4_g64")."""
+    return variant.replace(":", "_")
+
+
 def method_class(name: str) -> type[Method]:
     """The class of the method `name`, its module imported now (torch and the method's library).
 

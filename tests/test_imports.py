@@ -13,7 +13,7 @@ import import_graph as g
 # `models.embed` read every checkpoint format, quantized ones included, so they sit above quantize;
 # the evaluation driver, push (the pipeline's last step) and the CLI sit above the reports.
 LAYERS = [
-    ("hubquant", "hubquant.errors", "hubquant.files", "hubquant.locks", "hubquant.memory"),
+    ("hubquant", "hubquant.errors", "hubquant.files", "hubquant.locks", "hubquant.memory", "hubquant.texts"),
     ("hubquant.models",),
     ("hubquant.convert",),
     ("hubquant.quantize",),

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from hubquant.errors import HubquantError
+from hubquant.texts import calibration_split
 
 from .base import (
     DATASET_COLUMNS,
@@ -89,6 +90,7 @@ class CausalLM(AgreementBudget, Task):
         **shared("dtype", "log_softmax", "speed_runs"),
         "decode_tokens": Label("tokens per decode run", "tokens"),
         **shared("kld"),
+        "text_tokens": Label("text tokens: scored from [0, a), calibration slice [a, b)"),
         "decode": Label("decode timed with"),
     }
     method_columns = (
@@ -121,6 +123,9 @@ class CausalLM(AgreementBudget, Task):
         self.tokenizer = tokenizer
         ctx = DEFAULT_CTX if s.ctx is None else s.ctx
         ids = torch.tensor(tokenizer.encode(text.text, add_special_tokens=False))
+        total, split = ids.numel(), calibration_split(ids.numel())
+        self.text, self.split = text, split
+        ids = ids[:split]  # the scoring part: the calibration slice (the tail) is never scored
         if s.max_tokens is not None:
             ids = ids[: s.max_tokens]
         bos_id, bos_note = self._bos(tokenizer)
@@ -139,6 +144,7 @@ class CausalLM(AgreementBudget, Task):
             "tokens_scored": scored, "bos": bos_note, "dtype": s.dtype, "log_softmax": "fp32",
             "speed_runs": SPEED_RUNS if s.speed else 0, "decode_tokens": DECODE_TOKENS,
             "kld": "KL(base || variant), base forward recomputed per variant",
+            "text_tokens": [0, split, total],
         }  # fmt: skip
         if self.compiled:
             graphs = ", CUDA graphs" if getattr(self.device, "type", "") == "cuda" else ""
@@ -153,6 +159,18 @@ class CausalLM(AgreementBudget, Task):
 
     def headline(self) -> str:
         return f"{self._headline}; BOS {self._bos_note}"
+
+    def adopt(self, model: Any, base: Any, variant: str) -> list[str]:
+        """A calibrated variant must have learnt from this text's calibration slice only."""
+        report = getattr(model, "quant_report", None)
+        calibration = report.settings.get("calibration") if report is not None else None
+        token_range = (calibration or {}).get("token_range")
+        if token_range and calibration.get("sha256") == self.text.sha256 and token_range[0] < self.split:
+            raise HubquantError(
+                f"variant {variant} was calibrated on tokens {token_range[0]}.. of {self.text.name}, which "
+                f"this eval scores (up to {self.split}); remake it with --force"
+            )
+        return []
 
     def _bos(self, tokenizer: Any) -> tuple[int | None, str]:
         """The BOS to put first in each window, and what was done about it (said in the report)."""

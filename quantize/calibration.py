@@ -1,0 +1,201 @@
+"""Calibration of calibrated methods (`int4-gptq`): which tokens they learn from, and the
+activations that carry those tokens through a decoder one layer at a time while it is quantized.
+
+Tokens: `samples` sequences of `length` tokens, at seeded random offsets inside the calibration
+slice of the text (its last quarter, `hubquant.texts.calibration_split`), which no eval of that
+text scores. A checkpoint without a tokenizer (a synthetic benchmark model) calibrates on seeded
+random ids instead, and says so.
+
+Activations (`LayerCalibration`): the embeddings of those sequences enter layer 0; each layer runs
+once in fp32 with hooks collecting X^T X of every projection's inputs (the Hessians the method
+solves with), then once more with its projections replaced by their quantized values, and what
+comes out enters the next layer. So every layer is calibrated on what the quantized layers before
+it produce. Memory: the inputs and outputs of one layer, samples x length x hidden x 4 bytes each,
+plus one layer in fp32 and its Hessians.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from hubquant.errors import HubquantError
+from hubquant.files import read_json
+from hubquant.models.tokenizer import Tokenizer
+from hubquant.texts import calibration_split, load_text
+
+from .gptq import HessianHook, rtn_codes
+
+if TYPE_CHECKING:
+    from .base import Method
+
+DEFAULT_SAMPLES = 64
+DEFAULT_LENGTH = 256
+BATCH = 8  # sequences per forward while calibrating
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What a calibrated method learns from.
+
+    Attributes:
+        dataset: "python-docs", "wikitext2" or a .txt path: its calibration slice is used.
+        samples: sequences drawn.
+        length: tokens per sequence.
+        seed: the draw's seed.
+    """
+
+    dataset: str = "python-docs"
+    samples: int = DEFAULT_SAMPLES
+    length: int = DEFAULT_LENGTH
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HubquantError(f"--calib-{name} {value!r}: give a whole number of at least 1")
+        if self.length < 2:
+            raise HubquantError(f"--calib-length {self.length}: a sequence needs at least 2 tokens")
+
+
+def calibration_ids(
+    folder: Path, family: Any, hf_config: dict[str, Any], settings: CalibrationSettings
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The calibration sequences `[samples, length]` and the record of how they were drawn.
+
+    Args:
+        folder: the checkpoint folder (its tokenizer.json tokenizes the text).
+        family, hf_config: the checkpoint's family and config.json.
+        settings: what to draw.
+    """
+    gen = torch.Generator().manual_seed(settings.seed)
+    shape = (settings.samples, settings.length)
+    record: dict[str, Any] = {"samples": settings.samples, "length": settings.length, "seed": settings.seed}
+    if not (folder / "tokenizer.json").is_file():
+        vocab = int(hf_config.get("vocab_size") or 0)
+        if vocab < 2:
+            raise HubquantError(f"{folder} has no tokenizer.json and no vocab_size to calibrate on")
+        record["text"] = "seeded random token ids (the checkpoint ships no tokenizer)"
+        return torch.randint(0, vocab, shape, generator=gen), record
+
+    path = folder / "generation_config.json"
+    gen_config = read_json(path, "generation_config.json") if path.is_file() else {}
+    tokenizer = Tokenizer.from_folder(folder, family.with_defaults(hf_config), gen_config)
+    text = load_text(settings.dataset)
+    ids = torch.tensor(tokenizer.encode(text.text, add_special_tokens=False), dtype=torch.long)
+    split = calibration_split(ids.numel())
+    tail = ids[split:]
+    if tail.numel() < settings.length:
+        raise HubquantError(
+            f"the calibration slice of {text.name} has {tail.numel()} tokens, fewer than --calib-length "
+            f"{settings.length}; use a shorter --calib-length or a longer --calib-dataset"
+        )
+    starts = torch.randint(0, tail.numel() - settings.length + 1, (settings.samples,), generator=gen)
+    record.update(
+        text=text.name, sha256=text.sha256, token_range=[split, ids.numel()],
+        rule="the last quarter of the text's tokens, never scored by an eval of it; sequences at "
+        "seeded random offsets inside it",
+    )  # fmt: skip
+    return torch.stack([tail[s : s + settings.length] for s in starts.tolist()]), record
+
+
+class LayerCalibration:
+    """Calibration activations moving through a decoder as its layers are quantized in order.
+
+    Args:
+        ids: `[samples, length]` calibration sequences.
+    """
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+        self.x: torch.Tensor | None = None
+        self.errors: dict[str, tuple[float, float]] = {}  # name -> (method's, round-to-nearest's)
+
+    @torch.no_grad()
+    def begin(self, model: nn.Module) -> None:
+        """Embed the sequences (the model's embeddings must be loaded): layer 0's input, fp32."""
+        device = model.embed.weight.device
+        x = model.embed(self.ids.to(device)).float()
+        if model.config.embedding_scale is not None:
+            x = x * torch.tensor(model.config.embedding_scale, dtype=x.dtype)
+        self.x = x
+        self.model = model
+
+    @torch.no_grad()
+    def layer(self, block: nn.Module, method: Method, targets: list[tuple[str, nn.Linear]]) -> None:
+        """Calibrate one layer: collect each target's Hessian on this layer's inputs, let the method
+        solve it, then move the activations through the quantized layer.
+
+        Args:
+            block: the layer, its weights loaded.
+            method: the calibrated method.
+            targets: (canonical name, the layer's Linear) to quantize, in order.
+        """
+        if self.x is None:
+            raise RuntimeError("LayerCalibration.begin must run before the layers")
+        device = next(block.parameters()).device
+        work = copy.deepcopy(block).float()
+        prefix = _common_prefix([name for name, _ in targets])
+        hooks = {name: HessianHook(work.get_submodule(name[len(prefix) :])) for name, _ in targets}
+        self._run(work, device)
+        for hook in hooks.values():
+            hook.handle.remove()
+        for name, linear in targets:
+            method.solve(name, linear, hooks[name].h)
+            solution = getattr(method, "solutions", {}).get(name)
+            if solution is None:
+                continue  # skipped by the method's plan: stays in full precision
+            group = linear.weight.shape[1] // solution.scale.shape[1]
+            quantized = solution.dequantized(group)
+            w = linear.weight.detach().double().cpu()
+            h = hooks[name].h
+            rtn = rtn_codes(linear.weight.detach().float().cpu(), group).dequantized(group)
+            self.errors[name] = (_output_error(w, quantized, h), _output_error(w, rtn, h))
+            work.get_submodule(name[len(prefix) :]).weight.copy_(quantized.to(device))
+        self.x = self._run(work, device, keep=True)
+        del work
+
+    def _run(self, work: nn.Module, device: torch.device, keep: bool = False) -> torch.Tensor | None:
+        assert self.x is not None
+        out = []
+        for chunk in self.x.split(BATCH):
+            chunk = chunk.to(device)
+            positions, mask = self.model._positions_and_mask(
+                chunk.shape[0], chunk.shape[1], 0, None, None, device
+            )
+            rope = self.model._rope(positions, torch.float32)
+            y = work(chunk, rope, mask, None)
+            if keep:
+                out.append(y)
+        return torch.cat(out) if keep else None
+
+    def summary(self) -> dict[str, Any]:
+        """How much the method lowered each layer's output error on the calibration text, against
+        round-to-nearest on the same grid: the worst and the median ratio, and whether every layer
+        improved."""
+        ratios = sorted(mine / rtn for mine, rtn in self.errors.values() if rtn > 0)
+        if not ratios:
+            return {}
+        return {
+            "output_error_vs_rtn_median": round(ratios[len(ratios) // 2], 4),
+            "output_error_vs_rtn_worst": round(ratios[-1], 4),
+            "layers_better_than_rtn": f"{sum(r < 1 for r in ratios)}/{len(ratios)}",
+        }
+
+
+def _common_prefix(names: list[str]) -> str:
+    """ "layers.3." for names under layer 3."""
+    first = names[0]
+    return first[: first.index(".", len("layers.")) + 1]
+
+
+def _output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """||X (W - Q)^T||^2 over the calibration inputs, from H = X^T X: trace((W - Q) H (W - Q)^T)."""
+    d = (w - q.double()).double()
+    return float(((d @ h) * d).sum())

@@ -1,0 +1,179 @@
+"""`int4-gptq`: the solver against a plain column-by-column GPTQ, the classic property (lower output
+error on the calibration inputs than round-to-nearest, every layer), the saved folder being exactly
+the `int4` format (transformers loads it with hubquant's logits), and calibration data that no
+eval scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import hubquant
+from hubquant.errors import HubquantError
+from hubquant.quantize.calibration import CalibrationSettings, calibration_ids
+from hubquant.quantize.core import quantize_checkpoint
+from hubquant.quantize.gptq import Int4GPTQ, gptq, rtn_codes
+from hubquant.quantize.registry import get_method, parse_variant, variant_folder
+from hubquant.quantize.torchao_methods import _exact_asymmetric_qparams
+from hubquant.texts import calibration_split
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def correlated_inputs(n: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Inputs whose columns are correlated and of unequal scale, as a layer's activations are."""
+    gen = torch.Generator().manual_seed(seed)
+    rank = cols // 8  # most of the variance in a few directions, a little noise in all
+    mix = torch.randn(rank, cols, generator=gen, dtype=torch.float64) / rank**0.5
+    low = torch.randn(n, rank, generator=gen, dtype=torch.float64) @ mix
+    noise = 0.1 * torch.randn(n, cols, generator=gen, dtype=torch.float64)
+    return (low + noise + 0.3) * torch.logspace(-1, 1, cols, dtype=torch.float64)
+
+
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, group: int, act_order: bool, damp: float = 0.01):
+    """GPTQ as the paper states it, one column at a time, no blocks: round column i, then move
+    every later column by the rounding error times the row of the inverse Hessian's Cholesky
+    factor. Groups: parameters from the current weights at each group's first column, or (with
+    activation order) from the original weights."""
+    w, h = w.double().clone(), h.double().clone()
+    rows, cols = w.shape
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(cols)
+    static = _exact_asymmetric_qparams(w.float(), group) if act_order else None
+    w, h = w[:, perm], h[perm][:, perm]
+    h = h + damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    codes = torch.zeros(rows, cols, dtype=torch.float64)
+    params: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i in range(cols):
+        g = int(perm[i]) // group
+        if static is not None:
+            s, z = static[0][:, g].double(), static[1][:, g].double()
+        else:
+            if i % group == 0:
+                s2, z2 = _exact_asymmetric_qparams(w[:, i : i + group].float(), group)
+                params[g] = (s2[:, 0].double(), z2[:, 0].double())
+            s, z = params[g]
+        q = torch.clamp(torch.round(w[:, i] / s) + z, -8, 7)
+        codes[:, i] = q
+        err = (w[:, i] - (q - z) * s) / u[i, i]
+        w[:, i:] -= err[:, None] * u[i, i:][None, :]
+    return codes[:, torch.argsort(perm)].to(torch.int8)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_solver_equals_the_plain_column_by_column_gptq(act_order: bool):
+    torch.manual_seed(0)
+    rows, cols, group = 24, 128, 32
+    w = torch.randn(rows, cols, dtype=torch.float64) * 0.05
+    x = correlated_inputs(512, cols)
+    h = x.T @ x
+    h[:, 5] = h[5, :] = 0  # a column that never sees an input: set to zero, as GPTQ does
+    mine = gptq(w, h, group, act_order=act_order, block=64)
+    want = reference_gptq(w, h, group, act_order)
+    assert (mine.codes == want).float().mean().item() == 1.0
+    assert mine.codes.dtype == torch.int8 and mine.codes.min() >= -8 and mine.codes.max() <= 7
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_the_output_error_on_the_calibration_inputs(act_order: bool):
+    torch.manual_seed(1)
+    w = torch.randn(64, 256, dtype=torch.float64) * 0.05
+    x = correlated_inputs(1024, 256, seed=1)
+    solved = gptq(w, x.T @ x, 64, act_order=act_order).dequantized(64).double()
+    rtn = rtn_codes(w, 64).dequantized(64).double()
+    err = torch.linalg.matrix_norm(x @ (w - solved).T)
+    err_rtn = torch.linalg.matrix_norm(x @ (w - rtn).T)
+    assert err < 0.8 * err_rtn, (err.item(), err_rtn.item())
+
+
+def test_variant_names_carry_settings():
+    assert parse_variant("int4") == ("int4", {})
+    assert parse_variant("int4:g64") == ("int4", {"group_size": 64})
+    assert parse_variant("int4:hqq") == ("int4", {"hqq": True})
+    assert parse_variant("int4-gptq:g64:act") == ("int4-gptq", {"group_size": 64, "act_order": True})
+    assert variant_folder("int4-gptq:g64") == "int4-gptq_g64"
+    for bad, words in (("int5", "unknown"), ("int4:x", "option 'x'")):
+        with pytest.raises(HubquantError, match=words):
+            parse_variant(bad)
+    with pytest.raises(HubquantError, match="--hqq applies to int4 only"):
+        get_method("int4-gptq", hqq=True)
+    assert isinstance(get_method("int4-gptq", group_size=64), Int4GPTQ)
+
+
+@pytest.fixture(scope="module")
+def gptq_folder(hf_checkpoint, tmp_path_factory):
+    folder, hf = hf_checkpoint("llama_gqa")  # no tokenizer: calibrates on seeded random ids
+    out = tmp_path_factory.mktemp("gptq") / "int4-gptq"
+    quantize_checkpoint(
+        folder, out, "int4-gptq:g32", progress=False, calibration=CalibrationSettings(samples=16, length=32)
+    )
+    rtn = tmp_path_factory.mktemp("rtn") / "int4"
+    quantize_checkpoint(folder, rtn, "int4:g32", progress=False)
+    return folder, hf, out, rtn
+
+
+def test_the_folder_is_the_int4_format_with_its_calibration_recorded(gptq_folder):
+    from safetensors import safe_open
+
+    _, _, out, rtn = gptq_folder
+    config, rtn_config = (json.loads((f / "config.json").read_text()) for f in (out, rtn))
+    assert config["quantization_config"] == rtn_config["quantization_config"]
+    changed = 0
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(shard, "pt") as a, safe_open(rtn / shard.name, "pt") as b:
+            assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+            for key in a.keys():
+                x, y = a.get_tensor(key), b.get_tensor(key)
+                assert (x.shape, x.dtype) == (y.shape, y.dtype), key
+                changed += not torch.equal(x, y)
+    assert changed > 0  # other values, same format
+    report = json.loads((out / "quantization_report.json").read_text())
+    calibration = report["settings"]["calibration"]
+    assert report["method"] == "int4-gptq" and calibration["samples"] == 16 and calibration["length"] == 32
+    assert "random" in calibration["text"]
+    better, total = map(int, calibration["layers_better_than_rtn"].split("/"))
+    assert better == total > 0  # the classic property, every layer of the model
+    assert calibration["output_error_vs_rtn_worst"] < 1
+    assert "GPTQ" in (out / "README.md").read_text()
+
+
+def test_transformers_loads_it_with_hubquants_logits(gptq_folder):
+    import transformers
+    from conftest import sample_ids
+
+    folder, hf, out, _ = gptq_folder
+    ids = sample_ids()
+    mine, _ = hubquant.load(out, dtype="bf16", progress=False)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        a, b = mine(ids).float(), theirs(ids).logits.float()
+    assert mine.quant_report.method == "int4-gptq"
+    scale = b.abs().max().item()
+    assert (a - b).abs().max().item() <= 0.02 * scale  # bf16 products, the same int4 weights
+
+
+def test_calibration_draws_from_the_slice_no_eval_scores(smollm2_folder: Path):
+    from hubquant.models.families import family_for
+    from hubquant.models.tokenizer import Tokenizer
+    from hubquant.texts import load_text
+
+    config = json.loads((smollm2_folder / "config.json").read_text())
+    family = family_for(config)
+    settings = CalibrationSettings(samples=4, length=64, seed=3)
+    ids, record = calibration_ids(smollm2_folder, family, config, settings)
+    tokenizer = Tokenizer.from_folder(smollm2_folder, family.with_defaults(config), {})
+    all_ids = torch.tensor(tokenizer.encode(load_text("python-docs").text, add_special_tokens=False))
+    split = calibration_split(all_ids.numel())
+    assert record["token_range"] == [split, all_ids.numel()] and ids.shape == (4, 64)
+    tail = all_ids[split:]
+    for row in ids:  # every sequence lies in the tail, none in the scored part
+        starts = [i for i in range(tail.numel() - 63) if torch.equal(tail[i : i + 64], row)]
+        assert starts, "a calibration sequence is not in the calibration slice"
+    again, _ = calibration_ids(smollm2_folder, family, config, settings)
+    assert torch.equal(ids, again)  # seeded

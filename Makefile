@@ -12,7 +12,7 @@ PIP := $(PY) -m pip install -q -c $(LOCK)
 # Hugging Face's `evaluate` package, which lm-eval imports.
 export PYTHONSAFEPATH := 1
 
-.PHONY: eval test bench lint format clean lock wheel-check
+.PHONY: eval test bench lint format clean lock wheel-check gpu-check
 
 $(VENV)/.runtime: pyproject.toml setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -71,3 +71,11 @@ bench: $(VENV)/.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+LAYERS ?= 32
+
+# On a GPU machine only, from the project root, with .gpu/whl (torchao, bitsandbytes, gguf, lm-eval
+# wheels) and .gpu/tok (a tokenizer folder) beside the tree; uses the image's python3, not .venv.
+# Everything it learns goes to $${OUT:-/tmp/gpu-out} (knobs: OUT, GPU_BUDGET_S, BENCH_VARIANTS).
+gpu-check:
+	bash tests/gpu/run.sh $(LAYERS)

@@ -21,7 +21,7 @@ DEFAULT_MAX_KLD = 0.05
 DEFAULT_MIN_TOP1 = 0.90
 DEFAULT_MIN_COSINE = 0.99  # embedders: the mean cosine to the base's sentence vectors
 DEFAULT_CTX = 512  # decoders; masked-LM encoders default to 128 (evaluate/tasks/masked_lm.py)
-DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_LEN = 64, 256  # as hubquant.quantize.calibration's defaults
+DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_LEN = 16, 128  # as hubquant.quantize.calibration's defaults
 
 
 @dataclass(frozen=True)

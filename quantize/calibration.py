@@ -34,8 +34,8 @@ from .gptq import HessianHook, rtn_codes
 if TYPE_CHECKING:
     from .base import Method
 
-DEFAULT_SAMPLES = 64
-DEFAULT_LENGTH = 256
+DEFAULT_SAMPLES = 16
+DEFAULT_LENGTH = 128
 BATCH = 8  # sequences per forward while calibrating
 
 

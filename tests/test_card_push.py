@@ -24,6 +24,7 @@ from typing import Any
 import huggingface_hub
 import numpy as np
 import pytest
+import torch
 import yaml
 from safetensors.numpy import save_file
 
@@ -609,6 +610,7 @@ def test_quantize_command_with_out(monkeypatch, capsys, tmp_path):
         force=True,
         device_map=None,
         max_memory=None,
+        device="cuda" if torch.cuda.is_available() else "cpu",  # where each layer is quantized
     )
     out = capsys.readouterr().out
     assert report_summary(make_report()) in out and f"wrote {tmp_path / 'q'}" in out

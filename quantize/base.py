@@ -110,9 +110,10 @@ class Method(ABC):
         uses what it solved for that layer. Default: `quantize`."""
         return self.quantize(linear, layer_settings)
 
-    def solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor) -> None:
-        """Calibrated methods: work out the layer's quantized weights from the Hessian (X^T X) of
-        its inputs on calibration text, before `quantize_named` is called for it."""
+    def solve(self, linears: list[tuple[str, nn.Linear]], hessian: torch.Tensor) -> None:
+        """Calibrated methods: work out the quantized weights of layers that share one input
+        (named, in `linears`) from the Hessian (X^T X) of that input on calibration text, before
+        `quantize_named` is called for each."""
         raise NotImplementedError(f"{self.name} is not calibrated")
 
     def to_runtime(self, module: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ from hubquant.files import read_json
 from hubquant.models.tokenizer import Tokenizer
 from hubquant.texts import calibration_split, load_text
 
-from .gptq import HessianHook, rtn_codes
+from .gptq import Hessians, rtn_codes
 
 if TYPE_CHECKING:
     from .base import Method
@@ -142,22 +142,24 @@ class LayerCalibration:
         device = next(block.parameters()).device
         work = copy.deepcopy(block).float()
         prefix = _common_prefix([name for name, _ in targets])
-        hooks = {name: HessianHook(work.get_submodule(name[len(prefix) :])) for name, _ in targets}
+        linears = dict(targets)
+        hessians = Hessians([(name, work.get_submodule(name[len(prefix) :])) for name, _ in targets])
         self._run(work, device)
-        for hook in hooks.values():
-            hook.handle.remove()
-        for name, linear in targets:
-            method.solve(name, linear, hooks[name].h)
-            solution = getattr(method, "solutions", {}).get(name)
-            if solution is None:
-                continue  # skipped by the method's plan: stays in full precision
-            group = linear.weight.shape[1] // solution.scale.shape[1]
-            quantized = solution.dequantized(group)
-            w = linear.weight.detach().double().cpu()
-            h = hooks[name].h
-            rtn = rtn_codes(linear.weight.detach().float().cpu(), group).dequantized(group)
-            self.errors[name] = (_output_error(w, quantized, h), _output_error(w, rtn, h))
-            work.get_submodule(name[len(prefix) :]).weight.copy_(quantized.to(device))
+        hessians.remove()
+        for names, h in hessians.groups():
+            method.solve([(name, linears[name]) for name in names], h)
+            h32 = h.float()
+            for name in names:
+                solution = getattr(method, "solutions", {}).get(name)
+                if solution is None:
+                    continue  # skipped by the method's plan: stays in full precision
+                linear = linears[name]
+                group = linear.weight.shape[1] // solution.scale.shape[1]
+                quantized = solution.dequantized(group)
+                w = linear.weight.detach().float().cpu()
+                rtn = rtn_codes(w, group).dequantized(group)
+                self.errors[name] = (_output_error(w, quantized, h32), _output_error(w, rtn, h32))
+                work.get_submodule(name[len(prefix) :]).weight.copy_(quantized.to(device))
         self.x = self._run(work, device, keep=True)
         del work
 
@@ -197,5 +199,5 @@ def _common_prefix(names: list[str]) -> str:
 
 def _output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     """||X (W - Q)^T||^2 over the calibration inputs, from H = X^T X: trace((W - Q) H (W - Q)^T)."""
-    d = (w - q.double()).double()
-    return float(((d @ h) * d).sum())
+    d = w - q
+    return float(((d @ h) * d).sum(dtype=torch.float64))

@@ -69,6 +69,7 @@ def gptq(
     act_order: bool = False,
     damp: float = DAMP,
     block: int = BLOCK,
+    loop: torch.dtype = torch.float32,
 ) -> Solution:
     """Round `weight` to int4 on the `int4` method's grid with GPTQ (module docstring).
 
@@ -79,6 +80,7 @@ def gptq(
         act_order: round columns by decreasing Hessian diagonal (groups stay static).
         damp: share of the mean diagonal added to it before inverting.
         block: columns per lazy-update block (a multiple of `group`).
+        loop: the dtype of the column loop (the Hessian is inverted in fp64 either way).
     """
     rows, cols = weight.shape
     if cols % group or block % group:
@@ -105,11 +107,12 @@ def gptq(
         ) from None
 
     groups = cols // group
-    scale = torch.empty(rows, groups, dtype=torch.float64)
-    zero = torch.empty(rows, groups, dtype=torch.float64)
+    w, hinv = w.to(loop), hinv.to(loop)  # the column loop: fp32 unless asked (twice as fast)
+    scale = torch.empty(rows, groups, dtype=loop)
+    zero = torch.empty(rows, groups, dtype=loop)
     if static is not None:
-        scale[:], zero[:] = static[0].double(), static[1].double()
-    codes = torch.empty(rows, cols, dtype=torch.float64)
+        scale[:], zero[:] = static[0].to(loop), static[1].to(loop)
+    codes = torch.empty(rows, cols, dtype=loop)
     for start in range(0, cols, block):
         end = min(start + block, cols)
         w1 = w[:, start:end].clone()
@@ -121,7 +124,7 @@ def gptq(
             g = original // group
             if static is None and column % group == 0:
                 s, z = _exact_asymmetric_qparams(w1[:, i : i + group].to(torch.float32), group)
-                scale[:, g], zero[:, g] = s[:, 0].double(), z[:, 0].double()
+                scale[:, g], zero[:, g] = s[:, 0].to(loop), z[:, 0].to(loop)
             q = _quantize_column(w1[:, i], scale[:, g], zero[:, g])
             codes[:, column] = q
             err = (w1[:, i] - (q - zero[:, g]) * scale[:, g]) / h1[i, i]
@@ -133,18 +136,48 @@ def gptq(
     return Solution(codes.to(torch.int8), scale.to(dtype), zero.to(torch.int8))
 
 
-class HessianHook:
-    """Accumulates X^T X of a linear layer's inputs over forward calls (fp64), and their count."""
+class Hessians:
+    """X^T X of the inputs of several linear layers over forward calls (fp64), one per distinct
+    input: layers fed the very same tensor (q/k/v; gate/up) share one Hessian, which is then
+    accumulated and solved once for all of them.
 
-    def __init__(self, linear: nn.Linear) -> None:
-        self.h = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
-        self.count = 0
-        self.handle = linear.register_forward_pre_hook(self)
+    Args:
+        linears: (name, layer) to watch.
+    """
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-        self.h += (x.T @ x).cpu()
-        self.count += x.shape[0]
+    def __init__(self, linears: list[tuple[str, nn.Linear]]) -> None:
+        self.shared: dict[str, int] = {}  # name -> index into `h`
+        self.h: list[torch.Tensor] = []
+        self._last: tuple[torch.Tensor, int] | None = None  # the input seen last and its Hessian
+        self.handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in linears]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                self.shared.setdefault(name, self._last[1])  # same input as the layer before
+                return
+            index = self.shared.get(name)
+            if index is None:
+                index = self.shared[name] = len(self.h)
+                self.h.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self.h[index] += (flat.T @ flat).double().cpu()
+            self._last = (x, index)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self._last = None
+
+    def groups(self) -> list[tuple[list[str], torch.Tensor]]:
+        """(names sharing an input, in the order they ran; their Hessian)."""
+        names: list[list[str]] = [[] for _ in self.h]
+        for name, index in self.shared.items():
+            names[index].append(name)
+        return list(zip(names, self.h, strict=True))
 
 
 @register_method
@@ -207,18 +240,26 @@ class Int4GPTQ(Int4):
     def from_hf_config(cls, quantization_config: dict[str, Any]) -> Int4GPTQ | None:
         return None  # its folders are int4 folders: `int4` loads them
 
-    def solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor) -> None:
-        """Round `linear` (named `name`) with GPTQ on `hessian`; `quantize_named` then uses it."""
-        plan = self.plan(name, linear)
-        if isinstance(plan, str):
-            return
-        self.solutions[name] = gptq(
-            linear.weight.detach().float(),
-            hessian,
-            plan["group_size"],
-            act_order=self.act_order,
-            damp=self.damp,
-        )
+    def solve(self, linears: list[tuple[str, nn.Linear]], hessian: torch.Tensor) -> None:
+        """Round layers that share one input (named, in `linears`) with GPTQ on that input's
+        `hessian`, in one solve: GPTQ treats output rows independently, so stacking the layers'
+        rows gives each layer exactly what solving it alone would. `quantize_named` then uses it.
+        """
+        by_group: dict[int, list[tuple[str, nn.Linear]]] = {}
+        for name, linear in linears:
+            plan = self.plan(name, linear)
+            if not isinstance(plan, str):
+                by_group.setdefault(plan["group_size"], []).append((name, linear))
+        for group, members in by_group.items():
+            weight = torch.cat([linear.weight.detach().float() for _, linear in members])
+            solution = gptq(weight, hessian, group, act_order=self.act_order, damp=self.damp)
+            start = 0
+            for name, linear in members:
+                rows = slice(start, start + linear.out_features)
+                start = rows.stop
+                self.solutions[name] = Solution(
+                    solution.codes[rows], solution.scale[rows], solution.zero_point[rows]
+                )
 
     def quantize_named(self, name: str, linear: nn.Linear, layer_settings: dict[str, Any]) -> nn.Module:
         """The saved-layout module of a solved layer (its GPTQ codes and qparams)."""

@@ -80,6 +80,20 @@ def test_solver_equals_the_plain_column_by_column_gptq(act_order: bool):
     assert mine.codes.dtype == torch.int8 and mine.codes.min() >= -8 and mine.codes.max() <= 7
 
 
+def test_layers_sharing_an_input_are_solved_together_as_if_alone():
+    """q/k/v (and gate/up) share one Hessian and one solve; each layer's rows come out as a solve
+    of it alone would give them."""
+    torch.manual_seed(2)
+    x = correlated_inputs(512, 128, seed=2)
+    layers = [torch.nn.Linear(128, rows, bias=False) for rows in (32, 16, 16)]
+    method = Int4GPTQ(group_size=32)
+    method.solve([(f"layers.0.attn.{n}", lin) for n, lin in zip("qkv", layers, strict=True)], x.T @ x)
+    for n, lin in zip("qkv", layers, strict=True):
+        alone = gptq(lin.weight.detach().float(), x.T @ x, 32)
+        assert torch.equal(method.solutions[f"layers.0.attn.{n}"].codes, alone.codes)
+        assert torch.equal(method.solutions[f"layers.0.attn.{n}"].scale, alone.scale)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_lowers_the_output_error_on_the_calibration_inputs(act_order: bool):
     torch.manual_seed(1)

@@ -17,12 +17,12 @@ from pathlib import Path
 # Commands import torch (and the rest) inside their own functions.
 from hubquant import __version__
 from hubquant.errors import HubquantError
-from hubquant.evaluate.settings import EvalSettings
+from hubquant.evaluate.settings import DEFAULT_CALIB_LEN, DEFAULT_CALIB_SAMPLES, EvalSettings
 from hubquant.evaluate.sweep import run_sweep
 from hubquant.models.config import DTYPE_NAMES
 from hubquant.quantize.card import report_summary
 from hubquant.quantize.push import push
-from hubquant.quantize.registry import default_variants, method_names
+from hubquant.quantize.registry import default_variants, get_method, method_names
 from hubquant.reports import compare
 
 
@@ -164,6 +164,8 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
         min_top1=args.min_top1,
         min_cosine=args.min_cosine,
         revision=args.revision,
+        calib_samples=args.calib_samples,
+        calib_len=args.calib_len,
     )
 
 
@@ -177,15 +179,34 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     if args.force and not args.out:
         raise HubquantError("--force replaces an existing --out folder; it needs --out")
     options = dict(group_size=args.group_size, hqq=args.hqq, include_head=args.include_head)
+    calibrated = get_method(args.method).calibrated
+    if calibrated and not args.out:
+        raise HubquantError(f"{args.method} calibrates layer by layer while writing; add --out DIR")
+    if args.act_order and args.method != "int4-gptq":
+        raise HubquantError(f"--act-order applies to int4-gptq, not to {args.method}")
+    given = [f for f in ("calib_dataset", "calib_samples", "calib_len") if getattr(args, f) is not None]
+    if given and not calibrated:
+        flag = "--" + given[0].replace("_", "-")
+        raise HubquantError(f"{flag} applies to calibrated methods (int4-gptq), not to {args.method}")
     if args.device_map and not args.out:
         raise HubquantError("--device-map streams the checkpoint into --out; add --out DIR")
     if args.out:
+        from hubquant.quantize.calibration import CalibrationSettings
         from hubquant.quantize.core import quantize_checkpoint
 
+        method = args.method + (":act" if args.act_order else "")
+        calibration = None
+        if calibrated:
+            calibration = CalibrationSettings(
+                dataset=args.calib_dataset or "python-docs",
+                **({"samples": args.calib_samples} if args.calib_samples is not None else {}),
+                **({"length": args.calib_len} if args.calib_len is not None else {}),
+            )
         out, report = quantize_checkpoint(
             args.model,
             args.out,
-            args.method,
+            method,
+            calibration=calibration,
             dtype=args.dtype,
             revision=args.revision,
             force=args.force,
@@ -312,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="embedders: judge on the text's first N sentences (default 512)")  # fmt: skip
     ev.add_argument("--min-cosine", type=float, default=0.99,
                     help="embedders' verdict budget: mean cosine to the base's sentence vectors")  # fmt: skip
+    ev.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
+                    help="calibrated variants (int4-gptq): sequences drawn from the calibration slice "
+                    f"of --dataset, which is never scored (default {DEFAULT_CALIB_SAMPLES})")  # fmt: skip
+    ev.add_argument("--calib-len", type=int, default=DEFAULT_CALIB_LEN,
+                    help=f"calibrated variants: tokens per sequence (default {DEFAULT_CALIB_LEN})")  # fmt: skip
     ev.set_defaults(func=_cmd_eval, dtype_default="bf16")
 
     quant = sub.add_parser("quantize", help=f"quantize a checkpoint ({', '.join(method_names())})")
@@ -322,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--hqq", action="store_true", help="int4: choose scales with HQQ's parameter search")
     quant.add_argument("--include-head", action="store_true", help="also quantize the output head")
+    quant.add_argument("--act-order", action="store_true",
+                       help="int4-gptq: round columns by decreasing activation (groups stay static)")  # fmt: skip
+    quant.add_argument("--calib-dataset", default=None,
+                       help="int4-gptq: python-docs (default), wikitext2 or a .txt file; its calibration "
+                       "slice (the last quarter of its tokens, never scored by eval) is used")  # fmt: skip
+    quant.add_argument("--calib-samples", type=int, default=None,
+                       help="int4-gptq: calibration sequences (default 16)")  # fmt: skip
+    quant.add_argument("--calib-len", type=int, default=None,
+                       help="int4-gptq: tokens per calibration sequence (default 128)")  # fmt: skip
     quant.add_argument(
         "--out",
         default=None,

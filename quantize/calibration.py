@@ -56,12 +56,11 @@ class CalibrationSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("samples", "length"):
-            value = getattr(self, name)
+        for flag, value in (("--calib-samples", self.samples), ("--calib-len", self.length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HubquantError(f"--calib-{name} {value!r}: give a whole number of at least 1")
+                raise HubquantError(f"{flag} {value!r}: give a whole number of at least 1")
         if self.length < 2:
-            raise HubquantError(f"--calib-length {self.length}: a sequence needs at least 2 tokens")
+            raise HubquantError(f"--calib-len {self.length}: a sequence needs at least 2 tokens")
 
 
 def calibration_ids(
@@ -93,8 +92,8 @@ def calibration_ids(
     tail = ids[split:]
     if tail.numel() < settings.length:
         raise HubquantError(
-            f"the calibration slice of {text.name} has {tail.numel()} tokens, fewer than --calib-length "
-            f"{settings.length}; use a shorter --calib-length or a longer --calib-dataset"
+            f"the calibration slice of {text.name} has {tail.numel()} tokens, fewer than --calib-len "
+            f"{settings.length}; use a shorter --calib-len or a longer --calib-dataset"
         )
     starts = torch.randint(0, tail.numel() - settings.length + 1, (settings.samples,), generator=gen)
     record.update(

@@ -191,3 +191,32 @@ def test_calibration_draws_from_the_slice_no_eval_scores(smollm2_folder: Path):
         assert starts, "a calibration sequence is not in the calibration slice"
     again, _ = calibration_ids(smollm2_folder, family, config, settings)
     assert torch.equal(ids, again)  # seeded
+
+
+def test_quantize_cli_calibration_flags(hf_checkpoint, tmp_path, capsys):
+    from hubquant.cli import main
+
+    folder, _ = hf_checkpoint("llama_gqa")
+    out = tmp_path / "q"
+    argv = ["quantize", str(folder), "--method", "int4-gptq", "--group-size", "32", "--act-order"]
+    assert main([*argv, "--calib-samples", "3", "--calib-len", "16", "--out", str(out)]) == 0
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["settings"]["act_order"] is True and report["settings"]["group_size"] == 32
+    assert (report["settings"]["calibration"]["samples"], report["settings"]["calibration"]["length"]) == (
+        3,
+        16,
+    )
+    capsys.readouterr()
+    for bad, words in (
+        (["--method", "int4", "--calib-len", "64"], "--calib-len applies to calibrated methods"),
+        (["--method", "nf4", "--act-order"], "--act-order applies to int4-gptq"),
+        (["--method", "int4-gptq"], "add --out DIR"),
+        (
+            ["--method", "int4-gptq", "--calib-len", "1", "--out", str(tmp_path / "x")],
+            "--calib-len 1: a sequence needs at least 2 tokens",
+        ),
+    ):
+        assert main(["quantize", str(folder), *bad]) != 0
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

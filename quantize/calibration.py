@@ -145,9 +145,11 @@ class LayerCalibration:
         hessians = Hessians([(name, work.get_submodule(name[len(prefix) :])) for name, _ in targets])
         self._run(work, device)
         hessians.remove()
-        for names, h in hessians.groups():
+        groups = hessians.groups()
+        hessians.h.clear()  # each Hessian is freed once solved: one [in, in] matrix at a time
+        while groups:
+            names, h = groups.pop(0)
             method.solve([(name, linears[name]) for name in names], h)
-            h32 = h.float()
             for name in names:
                 solution = getattr(method, "solutions", {}).get(name)
                 if solution is None:
@@ -155,10 +157,12 @@ class LayerCalibration:
                 linear = linears[name]
                 group = linear.weight.shape[1] // solution.scale.shape[1]
                 quantized = solution.dequantized(group)
-                w = linear.weight.detach().float().cpu()
+                w = linear.weight.detach().float()
                 rtn = rtn_codes(w, group).dequantized(group)
-                self.errors[name] = (_output_error(w, quantized, h32), _output_error(w, rtn, h32))
-                work.get_submodule(name[len(prefix) :]).weight.copy_(quantized.to(device))
+                self.errors[name] = (_output_error(w, quantized, h), _output_error(w, rtn, h))
+                work.get_submodule(name[len(prefix) :]).weight.copy_(quantized)
+                del quantized, rtn, w
+            del h
         self.x = self._run(work, device, keep=True)
         del work
 

@@ -69,25 +69,28 @@ def gptq(
     act_order: bool = False,
     damp: float = DAMP,
     block: int = BLOCK,
-    loop: torch.dtype = torch.float32,
+    precision: torch.dtype = torch.float32,
 ) -> Solution:
     """Round `weight` to int4 on the `int4` method's grid with GPTQ (module docstring).
 
     Args:
         weight: `[out, in]` the layer's full-precision weights.
-        hessian: `[in, in]` X^T X of its calibration inputs (any positive scale).
+        hessian: `[in, in]` X^T X of its calibration inputs (any positive scale); left unchanged.
         group: input columns per scale and zero point; divides `in`.
         act_order: round columns by decreasing Hessian diagonal (groups stay static).
         damp: share of the mean diagonal added to it before inverting.
         block: columns per lazy-update block (a multiple of `group`).
-        loop: the dtype of the column loop (the Hessian is inverted in fp64 either way).
+        precision: the dtype of the inversion and the column loop (fp32, as GPTQ is run in the
+            field; the damping keeps the inversion well conditioned). Memory: besides `hessian`,
+            two `[in, in]` matrices at a time while inverting, then one.
     """
     rows, cols = weight.shape
     if cols % group or block % group:
         raise HubquantError(f"GPTQ: group size {group} must divide the layer's {cols} inputs and the block")
     dtype = weight.dtype
-    w = weight.detach().to(torch.float64).clone()
-    h = hessian.detach().to(torch.float64).clone()
+    device = weight.device  # solved where the weights are: the GPU when quantizing on one
+    w = weight.detach().to(precision).clone()
+    h = hessian.detach().to(device=device, dtype=precision, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -96,23 +99,25 @@ def gptq(
     order = torch.arange(cols)
     if act_order:
         static = _exact_asymmetric_qparams(w.to(torch.float32), group)
-        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        order = torch.argsort(torch.diagonal(h).cpu(), descending=True, stable=True)
         w, h = w[:, order], h[order][:, order]
-    h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
     try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        h = torch.linalg.cholesky(h)  # one [in, in] matrix alive beside the next, never three
+        h = torch.cholesky_inverse(h)
+        hinv = torch.linalg.cholesky(h, upper=True)
+        del h
     except torch.linalg.LinAlgError:
         raise HubquantError(
             "GPTQ: the calibration Hessian is not positive definite even damped; use more --calib-samples"
         ) from None
 
     groups = cols // group
-    w, hinv = w.to(loop), hinv.to(loop)  # the column loop: fp32 unless asked (twice as fast)
-    scale = torch.empty(rows, groups, dtype=loop)
-    zero = torch.empty(rows, groups, dtype=loop)
+    scale = torch.empty(rows, groups, dtype=precision, device=device)
+    zero = torch.empty(rows, groups, dtype=precision, device=device)
     if static is not None:
-        scale[:], zero[:] = static[0].to(loop), static[1].to(loop)
-    codes = torch.empty(rows, cols, dtype=loop)
+        scale[:], zero[:] = static[0].to(precision), static[1].to(precision)
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=device)
     for start in range(0, cols, block):
         end = min(start + block, cols)
         w1 = w[:, start:end].clone()
@@ -124,20 +129,21 @@ def gptq(
             g = original // group
             if static is None and column % group == 0:
                 s, z = _exact_asymmetric_qparams(w1[:, i : i + group].to(torch.float32), group)
-                scale[:, g], zero[:, g] = s[:, 0].to(loop), z[:, 0].to(loop)
+                scale[:, g], zero[:, g] = s[:, 0].to(precision), z[:, 0].to(precision)
             q = _quantize_column(w1[:, i], scale[:, g], zero[:, g])
-            codes[:, column] = q
+            codes[:, column] = q.to(torch.int8)
             err = (w1[:, i] - (q - zero[:, g]) * scale[:, g]) / h1[i, i]
             w1[:, i:] -= err[:, None] * h1[i, i:][None, :]
             errors[:, i] = err
         w[:, end:] -= errors @ hinv[start:end, end:]
     if act_order:
         codes = codes[:, torch.argsort(order)]
-    return Solution(codes.to(torch.int8), scale.to(dtype), zero.to(torch.int8))
+    return Solution(codes, scale.to(dtype), zero.to(torch.int8))
 
 
 class Hessians:
-    """X^T X of the inputs of several linear layers over forward calls (fp64), one per distinct
+    """X^T X of the inputs of several linear layers over forward calls (fp32, on the inputs'
+    device), one per distinct
     input: layers fed the very same tensor (q/k/v; gate/up) share one Hessian, which is then
     accumulated and solved once for all of them.
 
@@ -160,9 +166,9 @@ class Hessians:
             index = self.shared.get(name)
             if index is None:
                 index = self.shared[name] = len(self.h)
-                self.h.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
+                self.h.append(torch.zeros(x.shape[-1], x.shape[-1], device=x.device))
             flat = x.detach().reshape(-1, x.shape[-1]).float()
-            self.h[index] += (flat.T @ flat).double().cpu()
+            self.h[index].addmm_(flat.T, flat)
             self._last = (x, index)
 
         return hook

@@ -246,6 +246,29 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in settings.items()) or "defaults"
 
 
+def calibration_lines(record: Mapping[str, Any]) -> list[str]:
+    """A calibrated method's record (`quantization_report.json` settings["calibration"]) in a few
+    sentences for the card: what text, which tokens, how many sequences, and what it bought per layer."""
+    if not record:
+        return []
+    lines = [
+        f"Calibration text: {record.get('text', 'unknown')}"
+        + (f" (sha256 {str(record['sha256'])[:12]}...)" if record.get("sha256") else "")
+        + f"; {record.get('samples')} sequences of {record.get('length')} tokens, seed {record.get('seed')}."
+    ]
+    if record.get("token_range"):
+        start, end = record["token_range"]
+        lines.append(f"Tokens {start:,} to {end:,} of that text: {record.get('rule', '')}.")
+    if record.get("layers_better_than_rtn"):
+        lines.append(
+            "Squared error of each layer's outputs on the calibration inputs, against round-to-nearest "
+            f"on the same grid: median {record.get('output_error_vs_rtn_median')}x, worst "
+            f"{record.get('output_error_vs_rtn_worst')}x; lower than round-to-nearest in "
+            f"{record['layers_better_than_rtn']} layers."
+        )
+    return lines
+
+
 def _shape_text(shape: Any) -> str:
     return " x ".join(str(n) for n in shape)
 
@@ -724,7 +747,11 @@ def render_card(
     settings_rows = [
         ["method", f"{data['method']}: {method.title}"],
         ["library", f"{data['library']} {data['library_version']}"],
-        *([key, "default" if value is None else value] for key, value in data["settings"].items()),
+        *(
+            [key, "default" if value is None else value]
+            for key, value in data["settings"].items()
+            if key != "calibration"
+        ),
         ["quantized layers", f"{len(layers) - len(skipped)} of {len(layers)}"],
         ["output head", head],
     ]
@@ -784,6 +811,7 @@ def render_card(
         kept=kept,
         base_dtype=_base_dtype(folder, base_config),
         settings_rows=settings_rows,
+        calibration=calibration_lines(_mapping(data["settings"].get("calibration"))),
         per_layer=[[text, count] for text, count in sorted(per_layer.items())],
         size_rows=size_rows,
         evaluation=_evaluation(results, variant),

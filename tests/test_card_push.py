@@ -611,6 +611,7 @@ def test_quantize_command_with_out(monkeypatch, capsys, tmp_path):
         device_map=None,
         max_memory=None,
         device="cuda" if torch.cuda.is_available() else "cpu",  # where each layer is quantized
+        calibration=None,  # int4 is not calibrated
     )
     out = capsys.readouterr().out
     assert report_summary(make_report()) in out and f"wrote {tmp_path / 'q'}" in out

@@ -162,7 +162,10 @@ def test_the_folder_is_the_int4_format_with_its_calibration_recorded(gptq_folder
     better, total = map(int, calibration["layers_better_than_rtn"].split("/"))
     assert better == total > 0  # the classic property, every layer of the model
     assert calibration["output_error_vs_rtn_worst"] < 1
-    assert "GPTQ" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "GPTQ" in card and "### Calibration" in card and "{'samples'" not in card
+    assert "16 sequences of 32 tokens, seed 0" in card and f"in {better}/{total} layers" in card
+    print(card[card.index("### Calibration") :][:800])
 
 
 def test_transformers_loads_it_with_hubquants_logits(gptq_folder):

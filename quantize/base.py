@@ -89,7 +89,9 @@ class Method(ABC):
     sizes: ClassVar[str]  # the card's sentences on disk against run-time bytes (Markdown)
     repacks: ClassVar[bool] = False  # hubquant.load packs the saved layout into another for the device
     default_eval: ClassVar[bool] = True  # `hubquant eval` makes it without --variants
-    calibrated: ClassVar[bool] = False  # needs calibration text: `solve` each layer before `quantize_named`
+    calibrated: ClassVar[bool] = (
+        False  # needs calibration text: `calibrate` each layer before `quantize_named`
+    )
 
     @property
     @abstractmethod
@@ -110,10 +112,15 @@ class Method(ABC):
         uses what it solved for that layer. Default: `quantize`."""
         return self.quantize(linear, layer_settings)
 
-    def solve(self, linears: list[tuple[str, nn.Linear]], hessian: torch.Tensor) -> None:
-        """Calibrated methods: work out the quantized weights of layers that share one input
-        (named, in `linears`) from the Hessian (X^T X) of that input on calibration text, before
-        `quantize_named` is called for each."""
+    def calibrate(self, block: nn.Module, prefix: str, groups: list[Any]) -> dict[str, tuple[float, float]]:
+        """Calibrated methods: work out one decoder layer's quantized weights from the statistics
+        of its projections' inputs on calibration text, before `quantize_named` is called for
+        each (see `quantize/solved.py`)."""
+        raise NotImplementedError(f"{self.name} is not calibrated")
+
+    def dequantized(self, name: str) -> torch.Tensor | None:
+        """Calibrated methods: the weights `calibrate` worked out for `name`, to carry the
+        calibration activations on to the next layer."""
         raise NotImplementedError(f"{self.name} is not calibrated")
 
     def to_runtime(self, module: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ from hubquant.files import read_json
 from hubquant.models.tokenizer import Tokenizer
 from hubquant.texts import calibration_split, load_text
 
-from .gptq import Hessians, rtn_codes
+from .solved import InputGroup
 
 if TYPE_CHECKING:
     from .base import Method
@@ -104,6 +104,65 @@ def calibration_ids(
     return torch.stack([tail[s : s + settings.length] for s in starts.tolist()]), record
 
 
+class InputStats:
+    """The statistics of the inputs of a layer's projections over forward calls: X^T X (fp32, on
+    the inputs' device) and mean |x| per channel, one per distinct input. Projections fed the very
+    same tensor (q/k/v; gate/up; in a parallel block also the MLP's first projections) share one.
+
+    Args:
+        linears: (name, layer) to watch.
+    """
+
+    KEEP = 8  # inputs remembered within a forward, to recognise one fed to several projections
+
+    def __init__(self, linears: list[tuple[str, nn.Linear]]) -> None:
+        self.shared: dict[str, int] = {}  # name -> index into h / abs_sum
+        self.h: list[torch.Tensor] = []
+        self.abs_sum: list[torch.Tensor] = []
+        self.count: list[int] = []
+        self._recent: list[tuple[torch.Tensor, int]] = []  # the inputs seen last, by identity
+        self.handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in linears]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            for seen, index in self._recent:
+                if seen is x:
+                    self.shared.setdefault(name, index)  # the same input as another projection
+                    return
+            index = self.shared.get(name)
+            if index is None:
+                index = self.shared[name] = len(self.h)
+                self.h.append(torch.zeros(x.shape[-1], x.shape[-1], device=x.device))
+                self.abs_sum.append(torch.zeros(x.shape[-1], device=x.device))
+                self.count.append(0)
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self.h[index].addmm_(flat.T, flat)
+            self.abs_sum[index] += flat.abs().sum(0)
+            self.count[index] += flat.shape[0]
+            self._recent = [(x, index), *self._recent[: self.KEEP - 1]]
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self._recent = []
+
+    def groups(self) -> list[InputGroup]:
+        """One per distinct input: the projections fed it, in the order they ran, and its statistics."""
+        names: list[list[str]] = [[] for _ in self.h]
+        for name, index in self.shared.items():
+            names[index].append(name)
+        return [
+            InputGroup(n, h, a / max(c, 1))
+            for n, h, a, c in zip(names, self.h, self.abs_sum, self.count, strict=True)
+        ]
+
+    def clear(self) -> None:
+        self.h, self.abs_sum, self.count = [], [], []
+
+
 class LayerCalibration:
     """Calibration activations moving through a decoder as its layers are quantized in order.
 
@@ -115,6 +174,7 @@ class LayerCalibration:
         self.ids = ids
         self.x: torch.Tensor | None = None
         self.errors: dict[str, tuple[float, float]] = {}  # name -> (method's, round-to-nearest's)
+        self.method: Method | None = None
 
     @torch.no_grad()
     def begin(self, model: nn.Module) -> None:
@@ -128,8 +188,9 @@ class LayerCalibration:
 
     @torch.no_grad()
     def layer(self, block: nn.Module, method: Method, targets: list[tuple[str, nn.Linear]]) -> None:
-        """Calibrate one layer: collect each target's Hessian on this layer's inputs, let the method
-        solve it, then move the activations through the quantized layer.
+        """Calibrate one layer: collect the statistics of each distinct input of its projections,
+        let the method work the layer out (it may change `block`: AWQ folds scales into it), then
+        move the activations through the layer as it will be saved.
 
         Args:
             block: the layer, its weights loaded.
@@ -139,30 +200,21 @@ class LayerCalibration:
         if self.x is None:
             raise RuntimeError("LayerCalibration.begin must run before the layers")
         device = next(block.parameters()).device
-        work = copy.deepcopy(block).float()
         prefix = _common_prefix([name for name, _ in targets])
-        linears = dict(targets)
-        hessians = Hessians([(name, work.get_submodule(name[len(prefix) :])) for name, _ in targets])
+        work = copy.deepcopy(block).float()
+        stats = InputStats([(name, work.get_submodule(name[len(prefix) :])) for name, _ in targets])
         self._run(work, device)
-        hessians.remove()
-        groups = hessians.groups()
-        hessians.h.clear()  # each Hessian is freed once solved: one [in, in] matrix at a time
-        while groups:
-            names, h = groups.pop(0)
-            method.solve([(name, linears[name]) for name in names], h)
-            for name in names:
-                solution = getattr(method, "solutions", {}).get(name)
-                if solution is None:
-                    continue  # skipped by the method's plan: stays in full precision
-                linear = linears[name]
-                group = linear.weight.shape[1] // solution.scale.shape[1]
-                quantized = solution.dequantized(group)
-                w = linear.weight.detach().float()
-                rtn = rtn_codes(w, group).dequantized(group)
-                self.errors[name] = (_output_error(w, quantized, h), _output_error(w, rtn, h))
+        stats.remove()
+        del work
+        groups = stats.groups()
+        stats.clear()  # the method frees each Hessian once used
+        self.errors.update(method.calibrate(block, prefix, groups))
+        self.method = method
+        work = copy.deepcopy(block).float()
+        for name, _ in targets:
+            quantized = method.dequantized(name)
+            if quantized is not None:  # else skipped by the method's plan: stays in full precision
                 work.get_submodule(name[len(prefix) :]).weight.copy_(quantized)
-                del quantized, rtn, w
-            del h
         self.x = self._run(work, device, keep=True)
         del work
 
@@ -187,7 +239,9 @@ class LayerCalibration:
         ratios = sorted(mine / rtn for mine, rtn in self.errors.values() if rtn > 0)
         if not ratios:
             return {}
+        chose = getattr(self.method, "summary", None)  # what the method chose (AWQ: exponents)
         return {
+            **(chose() if chose is not None else {}),
             "output_error_vs_rtn_median": round(ratios[len(ratios) // 2], 4),
             "output_error_vs_rtn_worst": round(ratios[-1], 4),
             "layers_better_than_rtn": f"{sum(r < 1 for r in ratios)}/{len(ratios)}",
@@ -198,9 +252,3 @@ def _common_prefix(names: list[str]) -> str:
     """ "layers.3." for names under layer 3."""
     first = names[0]
     return first[: first.index(".", len("layers.")) + 1]
-
-
-def _output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """||X (W - Q)^T||^2 over the calibration inputs, from H = X^T X: trace((W - Q) H (W - Q)^T)."""
-    d = w - q
-    return float(((d @ h) * d).sum(dtype=torch.float64))

@@ -25,7 +25,6 @@ time. The solver is a few dozen lines of torch, tested against a plain column-by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -34,31 +33,11 @@ from torch import nn
 from hubquant.errors import HubquantError
 
 from .base import register_method
-from .torchao_methods import Int4, _detached_linear, _exact_asymmetric_qparams
+from .solved import InputGroup, Solution, SolvedInt4, output_error, quantize_column, rtn_codes
+from .torchao_methods import _exact_asymmetric_qparams
 
 DAMP = 0.01  # share of the mean diagonal of H added to it
 BLOCK = 128  # columns per lazy-update block
-QMIN, QMAX = -8, 7
-
-
-@dataclass
-class Solution:
-    """A layer's rounded weights: int4 codes `[out, in]` (int8, -8..7), and per group its scale and
-    zero point `[out, groups]` (scale in the weight's dtype, exact; zero point int8)."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-
-    def dequantized(self, group: int) -> torch.Tensor:
-        """The weights the codes stand for, fp32: (q - zp) * s."""
-        scale = self.scale.float().repeat_interleave(group, dim=1)
-        zero = self.zero_point.float().repeat_interleave(group, dim=1)
-        return (self.codes.float() - zero) * scale
-
-
-def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale) + zero, QMIN, QMAX)
 
 
 def gptq(
@@ -130,7 +109,7 @@ def gptq(
             if static is None and column % group == 0:
                 s, z = _exact_asymmetric_qparams(w1[:, i : i + group].to(torch.float32), group)
                 scale[:, g], zero[:, g] = s[:, 0].to(precision), z[:, 0].to(precision)
-            q = _quantize_column(w1[:, i], scale[:, g], zero[:, g])
+            q = quantize_column(w1[:, i], scale[:, g], zero[:, g])
             codes[:, column] = q.to(torch.int8)
             err = (w1[:, i] - (q - zero[:, g]) * scale[:, g]) / h1[i, i]
             w1[:, i:] -= err[:, None] * h1[i, i:][None, :]
@@ -141,53 +120,8 @@ def gptq(
     return Solution(codes, scale.to(dtype), zero.to(torch.int8))
 
 
-class Hessians:
-    """X^T X of the inputs of several linear layers over forward calls (fp32, on the inputs'
-    device), one per distinct
-    input: layers fed the very same tensor (q/k/v; gate/up) share one Hessian, which is then
-    accumulated and solved once for all of them.
-
-    Args:
-        linears: (name, layer) to watch.
-    """
-
-    def __init__(self, linears: list[tuple[str, nn.Linear]]) -> None:
-        self.shared: dict[str, int] = {}  # name -> index into `h`
-        self.h: list[torch.Tensor] = []
-        self._last: tuple[torch.Tensor, int] | None = None  # the input seen last and its Hessian
-        self.handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in linears]
-
-    def _hook(self, name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            if self._last is not None and self._last[0] is x:
-                self.shared.setdefault(name, self._last[1])  # same input as the layer before
-                return
-            index = self.shared.get(name)
-            if index is None:
-                index = self.shared[name] = len(self.h)
-                self.h.append(torch.zeros(x.shape[-1], x.shape[-1], device=x.device))
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            self.h[index].addmm_(flat.T, flat)
-            self._last = (x, index)
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self._last = None
-
-    def groups(self) -> list[tuple[list[str], torch.Tensor]]:
-        """(names sharing an input, in the order they ran; their Hessian)."""
-        names: list[list[str]] = [[] for _ in self.h]
-        for name, index in self.shared.items():
-            names[index].append(name)
-        return list(zip(names, self.h, strict=True))
-
-
 @register_method
-class Int4GPTQ(Int4):
+class Int4GPTQ(SolvedInt4):
     """int4 with GPTQ rounding on calibration text: the `int4` format and grid, other values.
 
     Args:
@@ -216,22 +150,16 @@ class Int4GPTQ(Int4):
     )
     repacks: ClassVar[bool] = True
     default_eval: ClassVar[bool] = False
-    calibrated: ClassVar[bool] = True
 
     def __init__(
         self, group_size: int | None = None, act_order: bool = False, damp: float = DAMP, **settings: Any
     ) -> None:
-        if settings.get("hqq"):
-            raise HubquantError("int4-gptq chooses its own rounding; --hqq applies to int4 only")
-        settings.pop("hqq", None)
         super().__init__(group_size=group_size, **settings)
         if not isinstance(act_order, bool):
             raise HubquantError(f"int4-gptq's act_order must be true or false, not {act_order!r}")
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
             raise HubquantError(f"int4-gptq's damp {damp!r} must be a number between 0 and 1")
         self.act_order, self.damp = act_order, float(damp)
-        self.solutions: dict[str, Solution] = {}
-        self.calibration: dict[str, Any] = {}  # how it was calibrated (text, tokens, samples...)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -242,65 +170,31 @@ class Int4GPTQ(Int4):
             **({"calibration": self.calibration} if self.calibration else {}),
         }
 
-    @classmethod
-    def from_hf_config(cls, quantization_config: dict[str, Any]) -> Int4GPTQ | None:
-        return None  # its folders are int4 folders: `int4` loads them
+    def calibrate(
+        self, block: nn.Module, prefix: str, groups: list[InputGroup]
+    ) -> dict[str, tuple[float, float]]:
+        """GPTQ each group of projections on its input's Hessian (`SolvedInt4.calibrate`); `block`
+        is left as it is."""
+        errors: dict[str, tuple[float, float]] = {}
+        while groups:
+            group = groups.pop(0)  # freed once solved: one [in, in] Hessian at a time
+            for size, members in self._planned(block, prefix, group.names).items():
+                self.solve(members, group.hessian, size)
+                for name, linear in members:
+                    w = linear.weight.detach().float()
+                    mine = self.solutions[name].dequantized(size)
+                    rtn = rtn_codes(w, size).dequantized(size)
+                    errors[name] = (output_error(w, mine, group.hessian), output_error(w, rtn, group.hessian))
+            del group
+        return errors
 
-    def solve(self, linears: list[tuple[str, nn.Linear]], hessian: torch.Tensor) -> None:
+    def solve(self, linears: list[tuple[str, nn.Linear]], hessian: torch.Tensor, group: int) -> None:
         """Round layers that share one input (named, in `linears`) with GPTQ on that input's
         `hessian`, in one solve: GPTQ treats output rows independently, so stacking the layers'
-        rows gives each layer exactly what solving it alone would. `quantize_named` then uses it.
-        """
-        by_group: dict[int, list[tuple[str, nn.Linear]]] = {}
+        rows gives each layer exactly what solving it alone would."""
+        weight = torch.cat([linear.weight.detach().float() for _, linear in linears])
+        solution = gptq(weight, hessian, group, act_order=self.act_order, damp=self.damp)
+        start = 0
         for name, linear in linears:
-            plan = self.plan(name, linear)
-            if not isinstance(plan, str):
-                by_group.setdefault(plan["group_size"], []).append((name, linear))
-        for group, members in by_group.items():
-            weight = torch.cat([linear.weight.detach().float() for _, linear in members])
-            solution = gptq(weight, hessian, group, act_order=self.act_order, damp=self.damp)
-            start = 0
-            for name, linear in members:
-                rows = slice(start, start + linear.out_features)
-                start = rows.stop
-                self.solutions[name] = Solution(
-                    solution.codes[rows], solution.scale[rows], solution.zero_point[rows]
-                )
-
-    def quantize_named(self, name: str, linear: nn.Linear, layer_settings: dict[str, Any]) -> nn.Module:
-        """The saved-layout module of a solved layer (its GPTQ codes and qparams)."""
-        from torchao.quantization import IntxUnpackedToInt8Tensor
-
-        solution = self.solutions.pop(name, None)
-        if solution is None:
-            raise RuntimeError(f"int4-gptq: {name} was not calibrated before being quantized")
-        weight = linear.weight
-        group = layer_settings["group_size"]
-        quantized = IntxUnpackedToInt8Tensor(
-            qdata=solution.codes.to(weight.device),
-            scale=solution.scale.to(device=weight.device, dtype=weight.dtype),
-            zero_point=solution.zero_point.to(weight.device),
-            target_dtype=torch.int4,
-            block_size=(1, group),
-            dtype=weight.dtype,
-            activation_quantization=None,
-        )
-        module = _detached_linear(linear)
-        module.weight = nn.Parameter(quantized, requires_grad=False)
-        return module
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||."""
-    return float(
-        torch.linalg.vector_norm((a - b).double()) / max(torch.linalg.vector_norm(b.double()), 1e-30)
-    )
-
-
-def rtn_codes(weight: torch.Tensor, group: int) -> Solution:
-    """Round-to-nearest on the same grid (what `int4` does), for comparisons."""
-    scale, zero = _exact_asymmetric_qparams(weight.float(), group)
-    s = scale.float().repeat_interleave(group, dim=1)
-    z = zero.float().repeat_interleave(group, dim=1)
-    codes = _quantize_column(weight.float(), s, z)
-    return Solution(codes.to(torch.int8), scale, zero)
+            self.solutions[name] = solution.rows(start, start + linear.out_features)
+            start += linear.out_features

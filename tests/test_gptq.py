@@ -15,8 +15,9 @@ import hubquant
 from hubquant.errors import HubquantError
 from hubquant.quantize.calibration import CalibrationSettings, calibration_ids
 from hubquant.quantize.core import quantize_checkpoint
-from hubquant.quantize.gptq import Int4GPTQ, gptq, rtn_codes
+from hubquant.quantize.gptq import Int4GPTQ, gptq
 from hubquant.quantize.registry import get_method, parse_variant, variant_folder
+from hubquant.quantize.solved import rtn_codes
 from hubquant.quantize.torchao_methods import _exact_asymmetric_qparams
 from hubquant.texts import calibration_split
 
@@ -95,7 +96,7 @@ def test_layers_sharing_an_input_are_solved_together_as_if_alone():
     x = correlated_inputs(512, 128, seed=2)
     layers = [torch.nn.Linear(128, rows, bias=False) for rows in (32, 16, 16)]
     method = Int4GPTQ(group_size=32)
-    method.solve([(f"layers.0.attn.{n}", lin) for n, lin in zip("qkv", layers, strict=True)], x.T @ x)
+    method.solve([(f"layers.0.attn.{n}", lin) for n, lin in zip("qkv", layers, strict=True)], x.T @ x, 32)
     for n, lin in zip("qkv", layers, strict=True):
         alone = gptq(lin.weight.detach().float(), x.T @ x, 32)
         assert torch.equal(method.solutions[f"layers.0.attn.{n}"].codes, alone.codes)
@@ -123,7 +124,7 @@ def test_variant_names_carry_settings():
     for bad, words in (("int5", "unknown"), ("int4:x", "option 'x'")):
         with pytest.raises(HubquantError, match=words):
             parse_variant(bad)
-    with pytest.raises(HubquantError, match="--hqq applies to int4 only"):
+    with pytest.raises(HubquantError, match="chooses its own rounding; --hqq"):
         get_method("int4-gptq", hqq=True)
     assert isinstance(get_method("int4-gptq", group_size=64), Int4GPTQ)
 

@@ -1,0 +1,216 @@
+"""`int4-awq`: int4 with activation-aware scales (AWQ), saved as an `int4` folder whose norms
+(or preceding projections) carry the scales.
+
+AWQ (Lin et al., 2023) protects the input channels that carry large activations: it multiplies a
+projection's input columns by s (so they take more of the int4 grid) and divides its input by s
+where that input is made, in the norm before it or in the projection before it, which leaves the
+full-precision model unchanged. Per group of projections fed the same input, s = mean|x|^a
+(normalised to a geometric mean of 1 between its largest and smallest value) with a searched on a
+grid of 20 values in [0, 1) for the lowest output error on the calibration inputs,
+||X (W - Q(W diag(s)) diag(1/s))^T||^2, computed from the input's Hessian X^T X; a = 0 is
+round-to-nearest itself, so no layer does worse than `int4` on that text. Where the scales go:
+
+- q/k/v (and, in a parallel block, the MLP's first projections): into the attention norm;
+- gate/up: into the MLP norm;
+- down: into up's output rows (a gated MLP multiplies act(gate) by up, so dividing up's rows
+  divides down's input); a non-gated MLP's activation sits between, so down stays unscaled;
+- o: into v's output rows when every query head has its own value head (no GQA); else unscaled.
+
+RMSNorm weights are divided by s (Gemma's (1 + w) form: 1 + w becomes (1 + w) / s), LayerNorm
+weights and biases too. The projections are then rounded to nearest on the `int4` method's own
+exact grid, so the folder is the `int4` format with other values plus changed norm (and up/v bias)
+tensors, which transformers and `hubquant.load` load unchanged. Not done: AWQ's weight-clipping
+search (the `int4` grid spans each group's full range).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hubquant.models.layers import RMSNorm
+
+from .base import register_method
+from .solved import InputGroup, SolvedInt4, output_error, rtn_codes
+
+GRID = 20  # exponents tried: 0, 1/20, ..., 19/20
+
+
+def _search(weight: torch.Tensor, group: InputGroup, size: int) -> tuple[torch.Tensor | None, float]:
+    """The scales for the input columns of `weight` (the group's projections stacked, fp32) with
+    the lowest output error on the calibration inputs, and their exponent; None where
+    round-to-nearest (exponent 0) is best."""
+    h = group.hessian
+    magnitude = group.abs_mean.float().clamp_min(1e-8)
+    best: tuple[float, torch.Tensor | None, float] = (float("inf"), None, 0.0)
+    for step in range(GRID):
+        alpha = step / GRID
+        if step == 0:
+            scale = None
+            quantized = rtn_codes(weight, size).dequantized(size)
+        else:
+            scale = magnitude.pow(alpha).clamp_min(1e-4)
+            scale = scale / (scale.max() * scale.min()).sqrt()
+            if not torch.isfinite(scale).all():
+                continue
+            quantized = rtn_codes(weight * scale, size).dequantized(size) / scale
+        error = output_error(weight, quantized, h)
+        if error < best[0]:
+            best = (error, scale, alpha)
+        del quantized
+    return best[1], best[2]
+
+
+def _fold_into_norm(norm: nn.Module, scale: torch.Tensor) -> bool:
+    """Divide a norm's output by `scale` (per channel) through its parameters; False if the norm
+    has none to carry it."""
+    if isinstance(norm, RMSNorm):
+        w = norm.weight.data
+        s = scale.to(device=w.device, dtype=torch.float32)
+        folded = (1.0 + w.float()) / s - 1.0 if norm.unit_offset else w.float() / s
+        w.copy_(folded.to(w.dtype))
+        return True
+    if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+        for p in (norm.weight, norm.bias):
+            if p is not None:
+                p.data.copy_((p.data.float() / scale.to(p.device)).to(p.dtype))
+        return True
+    return False
+
+
+@register_method
+class Int4AWQ(SolvedInt4):
+    """int4 with AWQ's activation-aware scales folded into the layer (module docstring).
+
+    Args:
+        group_size: as for `int4` (default 128).
+    """
+
+    name: ClassVar[str] = "int4-awq"
+    bits: ClassVar[int] = 4
+    title: ClassVar[str] = "int4 weight-only, AWQ-scaled"
+    about: ClassVar[str] = (
+        "The `int4` format exactly (4-bit integers, one scale and zero point per group of input "
+        "values, on the same exact asymmetric grid), rounded to nearest after AWQ's "
+        "activation-aware scaling: each projection's input channels are multiplied by a scale "
+        "that grows with their mean activation on calibration text (its exponent searched for the "
+        "lowest output error), and the norm or projection that makes that input is divided by it, "
+        "so the norm weights (and up/v biases) in this folder differ from the base model's."
+    )
+    library: ClassVar[str] = "torchao"
+    sizes: ClassVar[str] = (
+        "Saved as `int4` is: torchao's portable layout, one byte per 4-bit value "
+        "(`IntxUnpackedToInt8Tensor`); hubquant packs it at load time into the fast layout of the "
+        "device, two values per byte, which is the run-time figure. transformers loads the folder as "
+        "any int4 folder and keeps the saved layout in memory."
+    )
+    repacks: ClassVar[bool] = True
+    default_eval: ClassVar[bool] = False
+
+    def __init__(self, group_size: int | None = None, **settings: Any) -> None:
+        super().__init__(group_size=group_size, **settings)
+        self.exponents: list[float] = []  # the exponent chosen per scaled group, for the record
+        # the last layer's folds: name -> (its input columns' scale, its output rows' divisor)
+        self.scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def summary(self) -> dict[str, Any]:
+        """How many input groups were scaled, and the exponents chosen."""
+        if not self.exponents:
+            return {"scaled_groups": 0}
+        ordered = sorted(self.exponents)
+        return {
+            "scaled_groups": len(ordered),
+            "exponent_median": ordered[len(ordered) // 2],
+            "exponent_range": [ordered[0], ordered[-1]],
+        }
+
+    def calibrate(
+        self, block: nn.Module, prefix: str, groups: list[InputGroup]
+    ) -> dict[str, tuple[float, float]]:
+        """Search each group's scales on the original weights, fold them all into `block` (norms,
+        up/v rows and biases; skipped projections' columns), then round every planned projection
+        to nearest in its scaled form (`SolvedInt4.calibrate`)."""
+        columns: dict[str, torch.Tensor] = {}  # name -> its input columns' scale
+        rows: dict[str, torch.Tensor] = {}  # name -> its output rows' divisor
+        for group in groups:
+            producer = self._producer(block, prefix, group.names)
+            planned = self._planned(block, prefix, group.names)
+            if producer is None or len(planned) != 1:
+                continue  # nothing to fold into (or mixed group sizes): round to nearest
+            ((size, members),) = planned.items()
+            weight = torch.cat([linear.weight.detach().float() for _, linear in members])
+            scale, alpha = _search(weight, group, size)
+            del weight
+            if scale is None:
+                continue
+            if isinstance(producer, nn.Linear):  # divide its output rows (and bias) by the scale
+                name = prefix + _relative(block, producer)
+                rows[name] = scale
+                if producer.bias is not None:
+                    producer.bias.data.copy_((producer.bias.data.float() / scale).to(producer.bias.dtype))
+            elif not _fold_into_norm(producer, scale):
+                continue
+            self.exponents.append(alpha)
+            for name in group.names:
+                columns[name] = scale
+        self.scales = {name: (columns.get(name), rows.get(name)) for name in set(columns) | set(rows)}
+        errors: dict[str, tuple[float, float]] = {}
+        planned_names = set()
+        while groups:
+            group = groups.pop(0)
+            for size, members in self._planned(block, prefix, group.names).items():
+                for name, linear in members:
+                    planned_names.add(name)
+                    w = linear.weight.detach().float()
+                    col, row = columns.get(name), rows.get(name)
+                    scaled = w * col if col is not None else w
+                    scaled = scaled / row[:, None] if row is not None else scaled
+                    solution = rtn_codes(scaled, size)
+                    self.solutions[name] = solution
+                    effective = solution.dequantized(size)
+                    effective = effective / col if col is not None else effective
+                    effective = effective * row[:, None] if row is not None else effective
+                    rtn = rtn_codes(w, size).dequantized(size)
+                    errors[name] = (
+                        output_error(w, effective, group.hessian),
+                        output_error(w, rtn, group.hessian),
+                    )
+                    del w, scaled, effective, rtn
+            del group
+        for name in set(columns) | set(rows):  # a skipped projection keeps full precision, scaled
+            if name not in planned_names:
+                linear = block.get_submodule(name[len(prefix) :])
+                w = linear.weight.data.float()
+                if name in columns:
+                    w = w * columns[name]
+                if name in rows:
+                    w = w / rows[name][:, None]
+                linear.weight.data.copy_(w.to(linear.weight.dtype))
+        return errors
+
+    @staticmethod
+    def _producer(block: nn.Module, prefix: str, names: list[str]) -> nn.Module | None:
+        """What makes the input of the projections `names`, if it can carry a scale: a norm, or
+        the projection whose output rows are that input."""
+        local = {name[len(prefix) :] for name in names}
+        if "attn.q" in local:
+            return getattr(block, "attn_norm", None)
+        mlp = getattr(block, "mlp", None)
+        if "mlp.up" in local:
+            return getattr(block, "mlp_norm", None)
+        if local == {"mlp.down"} and mlp is not None and getattr(mlp, "gate", None) is not None:
+            return mlp.up
+        attn = getattr(block, "attn", None)
+        if local == {"attn.o"} and attn is not None and attn.num_heads == attn.num_kv_heads:
+            if attn.v.out_features == attn.o.in_features:
+                return attn.v
+        return None
+
+
+def _relative(block: nn.Module, module: nn.Module) -> str:
+    for name, candidate in block.named_modules():
+        if candidate is module:
+            return name
+    raise RuntimeError("the producer is not in the block")

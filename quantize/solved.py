@@ -1,0 +1,172 @@
+"""What the calibrated int4 methods (`int4-gptq`, `int4-awq`) share: codes worked out on
+calibration data and saved in exactly the `int4` format.
+
+Both round onto the `int4` method's own grid (per group of input columns, the exact asymmetric
+scale and zero point of `_exact_asymmetric_qparams`), so the folder they write is an `int4` folder
+with other values: transformers and `hubquant.load` load it unchanged. A method here works a
+decoder layer out at once (`calibrate`), from the layer's inputs on calibration text (one
+`InputGroup` per distinct input: its Hessian X^T X and mean |x|), and keeps each projection's
+`Solution` until the writer asks for it (`quantize_named`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hubquant.errors import HubquantError
+
+from .torchao_methods import Int4, _detached_linear, _exact_asymmetric_qparams
+
+QMIN, QMAX = -8, 7
+
+
+@dataclass
+class Solution:
+    """A layer's rounded weights: int4 codes `[out, in]` (int8, -8..7), and per group its scale and
+    zero point `[out, groups]` (scale exact in bf16; zero point int8)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def dequantized(self, group: int) -> torch.Tensor:
+        """The weights the codes stand for, fp32: (q - zp) * s."""
+        scale = self.scale.float().repeat_interleave(group, dim=1)
+        zero = self.zero_point.float().repeat_interleave(group, dim=1)
+        return (self.codes.float() - zero) * scale
+
+    def rows(self, start: int, stop: int) -> Solution:
+        return Solution(self.codes[start:stop], self.scale[start:stop], self.zero_point[start:stop])
+
+
+@dataclass
+class InputGroup:
+    """Projections of one decoder layer fed the very same input, and that input's statistics on
+    the calibration text.
+
+    Attributes:
+        names: canonical names ("layers.3.attn.q"), in the order they ran.
+        hessian: `[in, in]` X^T X summed over every calibration token (fp32).
+        abs_mean: `[in]` mean |x| per input channel.
+    """
+
+    names: list[str]
+    hessian: torch.Tensor
+    abs_mean: torch.Tensor
+
+
+def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest codes of `w` on the grid (scale, zero point), clamped to int4."""
+    return torch.clamp(torch.round(w / scale) + zero, QMIN, QMAX)
+
+
+def rtn_codes(weight: torch.Tensor, group: int) -> Solution:
+    """Round-to-nearest on the `int4` grid (what `int4` does)."""
+    scale, zero = _exact_asymmetric_qparams(weight.float(), group)
+    s = scale.float().repeat_interleave(group, dim=1)
+    z = zero.float().repeat_interleave(group, dim=1)
+    codes = quantize_column(weight.float(), s, z)
+    return Solution(codes.to(torch.int8), scale, zero)
+
+
+def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """||X (W - Q)^T||^2 over the calibration inputs, from H = X^T X: trace((W - Q) H (W - Q)^T)."""
+    d = w.float() - q.float()
+    return float(((d @ h) * d).sum(dtype=torch.float64))
+
+
+class SolvedInt4(Int4):
+    """An int4 method whose codes are worked out layer by layer on calibration text (not
+    registered itself). Subclasses define `calibrate`.
+
+    Args:
+        group_size: as for `int4` (default 128).
+    """
+
+    calibrated: ClassVar[bool] = True
+
+    def __init__(
+        self, group_size: int | None = None, hqq: bool = False, act_order: bool = False, **settings: Any
+    ) -> None:
+        for value, flag in ((hqq, "--hqq (:hqq)"), (act_order, "--act-order (:act)")):
+            if value:
+                raise HubquantError(f"{self.name} chooses its own rounding; {flag} does not apply to it")
+        super().__init__(group_size=group_size, **settings)
+        self.solutions: dict[str, Solution] = {}
+        self.calibration: dict[str, Any] = {}  # how it was calibrated (text, tokens, samples...)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "group_size": self.group_size,
+            **({"calibration": self.calibration} if self.calibration else {}),
+        }
+
+    @classmethod
+    def from_hf_config(cls, quantization_config: dict[str, Any]) -> SolvedInt4 | None:
+        return None  # its folders are int4 folders: `int4` loads them
+
+    def calibrate(
+        self, block: nn.Module, prefix: str, groups: list[InputGroup]
+    ) -> dict[str, tuple[float, float]]:
+        """Work out the quantized weights of one decoder layer's projections (and change `block`
+        where the method folds scales into it), from its inputs on calibration text.
+
+        Args:
+            block: the layer as the writer will save it (its tensors may be changed in place).
+            prefix: the layer's canonical prefix ("layers.3.").
+            groups: one per distinct input; consumed (emptied) to free each Hessian once used.
+
+        Returns:
+            per projection, (the output error on the calibration inputs with this method's
+            weights, the same with round-to-nearest): ||X (W - Q)^T||^2.
+        """
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """What the method chose over the whole model, for the calibration record (default: nothing)."""
+        return {}
+
+    def dequantized(self, name: str) -> torch.Tensor | None:
+        """The solved weights of `name` (fp32), or None where the plan skipped it."""
+        solution = self.solutions.get(name)
+        if solution is None:
+            return None
+        return solution.dequantized(solution.codes.shape[1] // solution.scale.shape[1])
+
+    def quantize_named(self, name: str, linear: nn.Linear, layer_settings: dict[str, Any]) -> nn.Module:
+        """The saved-layout module of a solved layer: its codes and qparams, nothing recomputed."""
+        from torchao.quantization import IntxUnpackedToInt8Tensor
+
+        solution = self.solutions.pop(name, None)
+        if solution is None:
+            raise RuntimeError(f"{self.name}: {name} was not calibrated before being quantized")
+        weight = linear.weight
+        quantized = IntxUnpackedToInt8Tensor(
+            qdata=solution.codes.to(weight.device),
+            scale=solution.scale.to(device=weight.device, dtype=weight.dtype),
+            zero_point=solution.zero_point.to(weight.device),
+            target_dtype=torch.int4,
+            block_size=(1, layer_settings["group_size"]),
+            dtype=weight.dtype,
+            activation_quantization=None,
+        )
+        module = _detached_linear(linear)
+        module.weight = nn.Parameter(quantized, requires_grad=False)
+        return module
+
+    def _planned(
+        self, block: nn.Module, prefix: str, names: list[str]
+    ) -> dict[int, list[tuple[str, nn.Linear]]]:
+        """The projections among `names` the plan quantizes, by group size."""
+        by_group: dict[int, list[tuple[str, nn.Linear]]] = {}
+        for name in names:
+            linear = block.get_submodule(name[len(prefix) :])
+            plan = self.plan(name, linear)
+            if not isinstance(plan, str):
+                by_group.setdefault(plan["group_size"], []).append((name, linear))
+        return by_group

@@ -1,0 +1,127 @@
+"""`int4-awq`: folding the scales leaves the full-precision layer unchanged (norms, Gemma's unit
+offset, LayerNorm, up and v rows with their biases, skipped projections), the saved folder is the
+`int4` format plus changed norms that transformers loads with hubquant's logits, and its output
+error on the calibration text is never above round-to-nearest's for the groups it scales."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import hubquant
+from hubquant.quantize import awq
+from hubquant.quantize.awq import Int4AWQ
+from hubquant.quantize.calibration import CalibrationSettings, InputStats
+from hubquant.quantize.core import quantize_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CASES = ("llama_gqa", "llama_bias_tied", "gemma_mqa", "phi_plain", "apertus")
+
+
+def _layer_inputs(model, batch: int = 2, seq: int = 12):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, seq, model.config.hidden_size, generator=gen)
+    x = x * torch.logspace(-1, 1, model.config.hidden_size)  # channels of unequal size, as in a model
+    positions, mask = model._positions_and_mask(batch, seq, 0, None, None, x.device)
+    return x, model._rope(positions, torch.float32), mask
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_folded_scales_leave_the_full_precision_layer_unchanged(case, hf_checkpoint, monkeypatch):
+    folder, _ = hf_checkpoint(case)
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    block = model.layers[0]
+    for module in block.modules():  # the fused q/k/v and gate/up products of a loaded model
+        module.__dict__.pop("_fused", None)
+    x, rope, mask = _layer_inputs(model)
+    with torch.no_grad():
+        want = block(x, rope, mask, None)
+    targets = [(n, m) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    stats = InputStats([(f"layers.0.{n}", m) for n, m in targets])
+    with torch.no_grad():
+        block(x, rope, mask, None)
+    stats.remove()
+    gen = torch.Generator().manual_seed(1)
+    # A scale far from 1 for every group, whatever the search would pick: the folds are what is tested.
+    monkeypatch.setattr(
+        awq,
+        "_search",
+        lambda weight, group, size: (torch.rand(weight.shape[1], generator=gen) * 3 + 0.2, 0.5),
+    )
+    folded = copy.deepcopy(block)
+    method = Int4AWQ(group_size=32)
+    with torch.no_grad():
+        method.calibrate(folded, "layers.0.", stats.groups())
+        for name, (col, row) in method.scales.items():
+            linear = folded.get_submodule(name.removeprefix("layers.0."))
+            if name in method.solutions:  # planned: put the scaled weights back unrounded
+                w = linear.weight.data * (col if col is not None else 1)
+                linear.weight.data = w / (row[:, None] if row is not None else 1)
+        got = folded(x, rope, mask, None)
+    local = {n.removeprefix("layers.0.") for n in method.scales}
+    assert {"attn.q", "attn.k", "attn.v"} <= local  # into the attention norm
+    if model.config.mlp == "gated":
+        assert {"mlp.gate", "mlp.up", "mlp.down"} <= local  # into the MLP norm; down into up's rows
+    else:
+        assert "mlp.down" not in local  # an activation sits between up and down
+    assert ("attn.o" in local) == (model.config.num_heads == model.config.num_kv_heads)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def awq_folders(hf_checkpoint, tmp_path_factory):
+    made = {}
+    for case in ("llama_bias_tied", "gemma_mqa", "phi_plain"):
+        folder, hf = hf_checkpoint(case)
+        out = tmp_path_factory.mktemp("awq") / case
+        quantize_checkpoint(
+            folder,
+            out,
+            "int4-awq:g32",
+            progress=False,
+            calibration=CalibrationSettings(samples=16, length=32),
+        )
+        made[case] = (folder, hf, out)
+    return made
+
+
+@pytest.mark.parametrize("case", ("llama_bias_tied", "gemma_mqa", "phi_plain"))
+def test_transformers_loads_the_awq_folder_with_hubquants_logits(case, awq_folders):
+    import transformers
+    from conftest import sample_ids
+
+    folder, _, out = awq_folders[case]
+    ids = sample_ids()
+    mine, _ = hubquant.load(out, dtype="bf16", progress=False)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        a, b = mine(ids).float(), theirs(ids).logits.float()
+    assert mine.quant_report.method == "int4-awq"
+    assert (a - b).abs().max().item() <= 0.02 * b.abs().max().item()  # bf16 products, the same weights
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+
+
+@pytest.mark.parametrize("case", ("llama_bias_tied", "gemma_mqa", "phi_plain"))
+def test_awq_scales_some_groups_and_never_does_worse_than_rounding_where_it_scales(case, awq_folders):
+    _, _, out = awq_folders[case]
+    report = json.loads((out / "quantization_report.json").read_text())
+    calibration = report["settings"]["calibration"]
+    assert report["method"] == "int4-awq" and calibration["samples"] == 16
+    assert calibration["scaled_groups"] > 0
+    assert calibration["output_error_vs_rtn_median"] <= 1.0
+    card = (out / "README.md").read_text()
+    assert "AWQ" in card and "### Calibration" in card
+
+
+def test_awq_refuses_settings_that_are_not_its_own():
+    from hubquant.errors import HubquantError
+    from hubquant.quantize.registry import get_method
+
+    for option, flag in (("hqq", "--hqq"), ("act_order", "--act-order")):
+        with pytest.raises(HubquantError, match=f"int4-awq chooses its own rounding; {flag}"):
+            get_method("int4-awq", **{option: True})

@@ -187,7 +187,9 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     given = [f for f in ("calib_dataset", "calib_samples", "calib_len") if getattr(args, f) is not None]
     if given and not calibrated:
         flag = "--" + given[0].replace("_", "-")
-        raise HubquantError(f"{flag} applies to calibrated methods (int4-gptq), not to {args.method}")
+        raise HubquantError(
+            f"{flag} applies to calibrated methods (int4-gptq, int4-awq), not to {args.method}"
+        )
     if args.device_map and not args.out:
         raise HubquantError("--device-map streams the checkpoint into --out; add --out DIR")
     if args.out:
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--min-cosine", type=float, default=0.99,
                     help="embedders' verdict budget: mean cosine to the base's sentence vectors")  # fmt: skip
     ev.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
-                    help="calibrated variants (int4-gptq): sequences drawn from the calibration slice "
+                    help="calibrated variants (int4-gptq, int4-awq): sequences drawn from the calibration slice "
                     f"of --dataset, which is never scored (default {DEFAULT_CALIB_SAMPLES})")  # fmt: skip
     ev.add_argument("--calib-len", type=int, default=DEFAULT_CALIB_LEN,
                     help=f"calibrated variants: tokens per sequence (default {DEFAULT_CALIB_LEN})")  # fmt: skip
@@ -351,12 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--act-order", action="store_true",
                        help="int4-gptq: round columns by decreasing activation (groups stay static)")  # fmt: skip
     quant.add_argument("--calib-dataset", default=None,
-                       help="int4-gptq: python-docs (default), wikitext2 or a .txt file; its calibration "
+                       help="int4-gptq, int4-awq: python-docs (default), wikitext2 or a .txt file; its calibration "
                        "slice (the last quarter of its tokens, never scored by eval) is used")  # fmt: skip
     quant.add_argument("--calib-samples", type=int, default=None,
-                       help="int4-gptq: calibration sequences (default 16)")  # fmt: skip
+                       help="int4-gptq, int4-awq: calibration sequences (default 16)")  # fmt: skip
     quant.add_argument("--calib-len", type=int, default=None,
-                       help="int4-gptq: tokens per calibration sequence (default 128)")  # fmt: skip
+                       help="int4-gptq, int4-awq: tokens per calibration sequence (default 128)")  # fmt: skip
     quant.add_argument(
         "--out",
         default=None,

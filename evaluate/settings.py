@@ -55,7 +55,7 @@ class EvalSettings:
         min_cosine: the verdict's budget for embedders (least mean cosine to the base's vectors).
         revision: Hub branch, tag or commit.
         progress: show progress bars.
-        calib_samples, calib_len: calibrated variants (`int4-gptq`): sequences and tokens per
+        calib_samples, calib_len: calibrated variants (`int4-gptq`, `int4-awq`): sequences and tokens per
             sequence drawn from the calibration slice of `dataset` (never scored).
     """
 

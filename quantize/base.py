@@ -89,9 +89,10 @@ class Method(ABC):
     sizes: ClassVar[str]  # the card's sentences on disk against run-time bytes (Markdown)
     repacks: ClassVar[bool] = False  # hubquant.load packs the saved layout into another for the device
     default_eval: ClassVar[bool] = True  # `hubquant eval` makes it without --variants
-    calibrated: ClassVar[bool] = (
-        False  # needs calibration text: `calibrate` each layer before `quantize_named`
-    )
+    # Calibrated: needs calibration text, `calibrate` each layer before `quantize_named`;
+    # sequential: one input at a time, the projections run before it already quantized.
+    calibrated: ClassVar[bool] = False
+    sequential: ClassVar[bool] = False
 
     @property
     @abstractmethod

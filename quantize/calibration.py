@@ -1,4 +1,4 @@
-"""Calibration of calibrated methods (`int4-gptq`): which tokens they learn from, and the
+"""Calibration of calibrated methods (`int4-gptq`, `int4-awq`): which tokens they learn from, and the
 activations that carry those tokens through a decoder one layer at a time while it is quantized.
 
 Tokens: `samples` sequences of `length` tokens, at seeded random offsets inside the calibration
@@ -16,7 +16,6 @@ plus one layer in fp32 and its Hessians.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +103,10 @@ def calibration_ids(
     return torch.stack([tail[s : s + settings.length] for s in starts.tolist()]), record
 
 
+class Reached(Exception):
+    """Raised inside a forward once what was to be collected is collected: the rest is skipped."""
+
+
 class InputStats:
     """The statistics of the inputs of a layer's projections over forward calls: X^T X (fp32, on
     the inputs' device) and mean |x| per channel, one per distinct input. Projections fed the very
@@ -115,7 +118,8 @@ class InputStats:
 
     KEEP = 8  # inputs remembered within a forward, to recognise one fed to several projections
 
-    def __init__(self, linears: list[tuple[str, nn.Linear]]) -> None:
+    def __init__(self, linears: list[tuple[str, nn.Linear]], first_only: bool = False) -> None:
+        self.first_only = first_only  # stop the forward at the second distinct input (`Reached`)
         self.shared: dict[str, int] = {}  # name -> index into h / abs_sum
         self.h: list[torch.Tensor] = []
         self.abs_sum: list[torch.Tensor] = []
@@ -132,6 +136,8 @@ class InputStats:
                     return
             index = self.shared.get(name)
             if index is None:
+                if self.first_only and self.h:
+                    raise Reached  # the first input's projections have all run
                 index = self.shared[name] = len(self.h)
                 self.h.append(torch.zeros(x.shape[-1], x.shape[-1], device=x.device))
                 self.abs_sum.append(torch.zeros(x.shape[-1], device=x.device))
@@ -178,9 +184,10 @@ class LayerCalibration:
 
     @torch.no_grad()
     def begin(self, model: nn.Module) -> None:
-        """Embed the sequences (the model's embeddings must be loaded): layer 0's input, fp32."""
+        """Embed the sequences (the model's embeddings must be loaded): layer 0's input, in the
+        model's dtype."""
         device = model.embed.weight.device
-        x = model.embed(self.ids.to(device)).float()
+        x = model.embed(self.ids.to(device))
         if model.config.embedding_scale is not None:
             x = x * torch.tensor(model.config.embedding_scale, dtype=x.dtype)
         self.x = x
@@ -188,37 +195,47 @@ class LayerCalibration:
 
     @torch.no_grad()
     def layer(self, block: nn.Module, method: Method, targets: list[tuple[str, nn.Linear]]) -> None:
-        """Calibrate one layer: collect the statistics of each distinct input of its projections,
-        let the method work the layer out (it may change `block`: AWQ folds scales into it), then
+        """Calibrate one layer in place: collect the statistics of the inputs of its projections,
+        let the method work them out (it may change `block`: AWQ folds scales into it), put the
+        worked-out weights in `block` (new tensors: the loaded ones are never written to), then
         move the activations through the layer as it will be saved.
 
+        A sequential method (GPTQ) takes the projections one input at a time, in the order the
+        layer runs them: q/k/v, then o on the outputs of the quantized q/k/v, then gate/up, then
+        down; each pass stops once its input is collected, and only one Hessian exists at a time.
+
         Args:
-            block: the layer, its weights loaded.
+            block: the layer, its weights loaded (runs in its own dtype).
             method: the calibrated method.
             targets: (canonical name, the layer's Linear) to quantize, in order.
         """
         if self.x is None:
             raise RuntimeError("LayerCalibration.begin must run before the layers")
+        for module in block.modules():  # a fused q/k/v product would hide the projections' inputs
+            module.__dict__.pop("_fused", None)
         device = next(block.parameters()).device
         prefix = _common_prefix([name for name, _ in targets])
-        work = copy.deepcopy(block).float()
-        stats = InputStats([(name, work.get_submodule(name[len(prefix) :])) for name, _ in targets])
-        self._run(work, device)
-        stats.remove()
-        del work
-        groups = stats.groups()
-        stats.clear()  # the method frees each Hessian once used
-        self.errors.update(method.calibrate(block, prefix, groups))
+        remaining = dict(targets)
         self.method = method
-        work = copy.deepcopy(block).float()
-        for name, _ in targets:
-            quantized = method.dequantized(name)
-            if quantized is not None:  # else skipped by the method's plan: stays in full precision
-                work.get_submodule(name[len(prefix) :]).weight.copy_(quantized)
-        self.x = self._run(work, device, keep=True)
-        del work
+        while remaining:
+            stats = InputStats(list(remaining.items()), first_only=method.sequential)
+            self._run(block, device)
+            stats.remove()
+            groups = stats.groups()
+            stats.clear()  # the method frees each Hessian once used
+            if not groups:
+                break  # the targets left never ran (not reached by this block's forward)
+            done = [name for group in groups for name in group.names]
+            self.errors.update(method.calibrate(block, prefix, groups))
+            for name in done:
+                linear = remaining.pop(name)
+                quantized = method.dequantized(name)
+                if quantized is not None:  # else skipped by the method's plan: full precision
+                    weight = quantized.to(device=linear.weight.device, dtype=linear.weight.dtype)
+                    linear.weight = nn.Parameter(weight, requires_grad=False)
+        self.x = self._run(block, device, keep=True)
 
-    def _run(self, work: nn.Module, device: torch.device, keep: bool = False) -> torch.Tensor | None:
+    def _run(self, block: nn.Module, device: torch.device, keep: bool = False) -> torch.Tensor | None:
         assert self.x is not None
         out = []
         for chunk in self.x.split(BATCH):
@@ -226,10 +243,13 @@ class LayerCalibration:
             positions, mask = self.model._positions_and_mask(
                 chunk.shape[0], chunk.shape[1], 0, None, None, device
             )
-            rope = self.model._rope(positions, torch.float32)
-            y = work(chunk, rope, mask, None)
+            rope = self.model._rope(positions, chunk.dtype)
+            try:
+                y = block(chunk, rope, mask, None)
+            except Reached:
+                continue
             if keep:
-                out.append(y)
+                out.append(y.to(self.x.device))
         return torch.cat(out) if keep else None
 
     def summary(self) -> dict[str, Any]:

@@ -235,7 +235,7 @@ def quantize_checkpoint(
         device_map, max_memory: quantize each layer on the device a device map gives it (as
             `hubquant.load` plans it: GPUs first); layers mapped to the CPU or disk are quantized
             on the CPU. The folder written is the same as without.
-        calibration: what a calibrated method (`int4-gptq`) learns from (default: 16 sequences of
+        calibration: what a calibrated method (`int4-gptq`, `int4-awq`) learns from (default: 16 sequences of
             128 tokens from the calibration slice of python-docs, seed 0); ignored by the others.
         device: quantize each layer on this device ("cuda", "cuda:N"; one layer there at a time:
             read on the CPU, moved, quantized, written back): the same saved layout as on the CPU,

@@ -150,6 +150,7 @@ class Int4GPTQ(SolvedInt4):
     )
     repacks: ClassVar[bool] = True
     default_eval: ClassVar[bool] = False
+    sequential: ClassVar[bool] = True
 
     def __init__(
         self, group_size: int | None = None, act_order: bool = False, damp: float = DAMP, **settings: Any

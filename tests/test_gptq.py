@@ -232,3 +232,32 @@ def test_quantize_cli_calibration_flags(hf_checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_gptq_calibrates_each_input_with_the_projections_before_it_quantized(
+    hf_checkpoint, tmp_path, monkeypatch
+):
+    """Sequential: q/k/v first, then o on what the quantized q/k/v give, then gate/up, then down,
+    one Hessian at a time; the loaded weights are never written to."""
+    folder, _ = hf_checkpoint("llama_gqa")
+    seen: list[tuple[list[str], bool]] = []
+    calibrate = Int4GPTQ.calibrate
+
+    def spy(self, block, prefix, groups):
+        names = [n for g in groups for n in g.names]
+        q = block.get_submodule("attn.q").weight
+        solved_q = self.solutions.get(prefix + "attn.q")
+        seen.append((names, solved_q is not None and torch.equal(q, solved_q.dequantized(32).to(q.dtype))))
+        return calibrate(self, block, prefix, groups)
+
+    monkeypatch.setattr(Int4GPTQ, "calibrate", spy)
+    quantize_checkpoint(folder, tmp_path / "q", "int4-gptq:g32", progress=False,
+                        calibration=CalibrationSettings(samples=4, length=16))  # fmt: skip
+    layer0 = [([n.removeprefix("layers.0.") for n in names], q_done) for names, q_done in seen[:4]]
+    assert layer0 == [
+        (["attn.q", "attn.k", "attn.v"], False),
+        (["attn.o"], True),
+        (["mlp.gate", "mlp.up"], True),
+        (["mlp.down"], True),
+    ]
+    assert len(seen) == 8  # two layers, four inputs each

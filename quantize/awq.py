@@ -25,6 +25,7 @@ search (the `int4` grid spans each group's full range).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -33,34 +34,48 @@ from torch import nn
 from hubquant.models.layers import RMSNorm
 
 from .base import register_method
-from .solved import InputGroup, SolvedInt4, output_error, rtn_codes
+from .solved import InputGroup, SolvedInt4, output_error, rounded, rtn_codes
 
 GRID = 20  # exponents tried: 0, 1/20, ..., 19/20
 
 
-def _search(weight: torch.Tensor, group: InputGroup, size: int) -> tuple[torch.Tensor | None, float]:
-    """The scales for the input columns of `weight` (the group's projections stacked, fp32) with
-    the lowest output error on the calibration inputs, and their exponent; None where
-    round-to-nearest (exponent 0) is best."""
-    h = group.hessian
+def _search(linears: list[nn.Linear], group: InputGroup, size: int) -> tuple[torch.Tensor | None, float]:
+    """The scales for the input columns of `linears` (fed one input) with the lowest output error
+    on the calibration inputs, and their exponent; None where round-to-nearest (exponent 0) is
+    best."""
     magnitude = group.abs_mean.float().clamp_min(1e-8)
     best: tuple[float, torch.Tensor | None, float] = (float("inf"), None, 0.0)
     for step in range(GRID):
         alpha = step / GRID
-        if step == 0:
-            scale = None
-            quantized = rtn_codes(weight, size).dequantized(size)
-        else:
+        scale: torch.Tensor | None = None
+        if step:
             scale = magnitude.pow(alpha).clamp_min(1e-4)
             scale = scale / (scale.max() * scale.min()).sqrt()
             if not torch.isfinite(scale).all():
                 continue
-            quantized = rtn_codes(weight * scale, size).dequantized(size) / scale
-        error = output_error(weight, quantized, h)
+        error = sum(
+            output_error(linear.weight, group.hessian, _scaled_rounding(size, scale)) for linear in linears
+        )
         if error < best[0]:
             best = (error, scale, alpha)
-        del quantized
     return best[1], best[2]
+
+
+def _scaled_rounding(
+    size: int, columns: torch.Tensor | None, rows: torch.Tensor | None = None
+) -> Callable[[slice, torch.Tensor], torch.Tensor]:
+    """`output_error`'s Q for weights whose input columns are multiplied by `columns` and output
+    rows divided by `rows` before rounding to nearest, and the scales undone after."""
+
+    def dequantize(which: slice, w: torch.Tensor) -> torch.Tensor:
+        divisor = rows[which, None] if rows is not None else None
+        scaled = w * columns if columns is not None else w
+        scaled = scaled / divisor if divisor is not None else scaled
+        q = rtn_codes(scaled, size).dequantized(size)
+        q = q / columns if columns is not None else q
+        return q * divisor if divisor is not None else q
+
+    return dequantize
 
 
 def _fold_into_norm(norm: nn.Module, scale: torch.Tensor) -> bool:
@@ -140,9 +155,7 @@ class Int4AWQ(SolvedInt4):
             if producer is None or len(planned) != 1:
                 continue  # nothing to fold into (or mixed group sizes): round to nearest
             ((size, members),) = planned.items()
-            weight = torch.cat([linear.weight.detach().float() for _, linear in members])
-            scale, alpha = _search(weight, group, size)
-            del weight
+            scale, alpha = _search([linear for _, linear in members], group, size)
             if scale is None:
                 continue
             if isinstance(producer, nn.Linear):  # divide its output rows (and bias) by the scale
@@ -163,21 +176,16 @@ class Int4AWQ(SolvedInt4):
             for size, members in self._planned(block, prefix, group.names).items():
                 for name, linear in members:
                     planned_names.add(name)
-                    w = linear.weight.detach().float()
                     col, row = columns.get(name), rows.get(name)
-                    scaled = w * col if col is not None else w
-                    scaled = scaled / row[:, None] if row is not None else scaled
-                    solution = rtn_codes(scaled, size)
-                    self.solutions[name] = solution
-                    effective = solution.dequantized(size)
-                    effective = effective / col if col is not None else effective
-                    effective = effective * row[:, None] if row is not None else effective
-                    rtn = rtn_codes(w, size).dequantized(size)
+                    w = linear.weight.detach().float()
+                    w = w * col if col is not None else w
+                    w = w / row[:, None] if row is not None else w
+                    self.solutions[name] = rtn_codes(w, size)
+                    del w
                     errors[name] = (
-                        output_error(w, effective, group.hessian),
-                        output_error(w, rtn, group.hessian),
+                        output_error(linear.weight, group.hessian, _scaled_rounding(size, col, row)),
+                        output_error(linear.weight, group.hessian, rounded(size)),
                     )
-                    del w, scaled, effective, rtn
             del group
         for name in set(columns) | set(rows):  # a skipped projection keeps full precision, scaled
             if name not in planned_names:

@@ -16,6 +16,7 @@ plus one layer in fp32 and its Hessians.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,6 +222,7 @@ class LayerCalibration:
             stats = InputStats(list(remaining.items()), first_only=method.sequential)
             self._run(block, device)
             stats.remove()
+            return_freed_memory()  # the forward's temporaries, before the solver's matrices
             groups = stats.groups()
             stats.clear()  # the method frees each Hessian once used
             if not groups:
@@ -266,6 +268,22 @@ class LayerCalibration:
             "output_error_vs_rtn_worst": round(ratios[-1], 4),
             "layers_better_than_rtn": f"{sum(r < 1 for r in ratios)}/{len(ratios)}",
         }
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by large temporaries back to the system (glibc keeps it otherwise, and
+    the next large matrix then comes on top of it in the peak RSS). A no-op elsewhere."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 def _common_prefix(names: list[str]) -> str:

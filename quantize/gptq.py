@@ -25,6 +25,7 @@ time. The solver is a few dozen lines of torch, tested against a plain column-by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -33,7 +34,8 @@ from torch import nn
 from hubquant.errors import HubquantError
 
 from .base import register_method
-from .solved import InputGroup, Solution, SolvedInt4, output_error, quantize_column, rtn_codes
+from .calibration import return_freed_memory
+from .solved import ROWS, InputGroup, Solution, SolvedInt4, output_error, quantize_column, rounded
 from .torchao_methods import _exact_asymmetric_qparams
 
 DAMP = 0.01  # share of the mean diagonal of H added to it
@@ -42,34 +44,42 @@ BLOCK = 128  # columns per lazy-update block
 
 def gptq(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | Callable[[], torch.Tensor],
     group: int,
     *,
     act_order: bool = False,
     damp: float = DAMP,
     block: int = BLOCK,
     precision: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> Solution:
     """Round `weight` to int4 on the `int4` method's grid with GPTQ (module docstring).
 
     Args:
         weight: `[out, in]` the layer's full-precision weights.
-        hessian: `[in, in]` X^T X of its calibration inputs (any positive scale); left unchanged.
+        hessian: `[in, in]` X^T X of its calibration inputs (any positive scale), left unchanged;
+            or a function handing it over (`InputGroup.take_hessian`): then it is worked on in
+            place and freed, one `[in, in]` matrix less.
         group: input columns per scale and zero point; divides `in`.
         act_order: round columns by decreasing Hessian diagonal (groups stay static).
         damp: share of the mean diagonal added to it before inverting.
         block: columns per lazy-update block (a multiple of `group`).
         precision: the dtype of the inversion and the column loop (fp32, as GPTQ is run in the
             field; the damping keeps the inversion well conditioned). Memory: besides `hessian`,
-            two `[in, in]` matrices at a time while inverting, then one.
+            two `[in, in]` matrices at a time while inverting (one with a handed-over Hessian),
+            then one.
+        overwrite: `weight` may be used as working memory (it must be `precision` already).
     """
     rows, cols = weight.shape
     if cols % group or block % group:
         raise HubquantError(f"GPTQ: group size {group} must divide the layer's {cols} inputs and the block")
     dtype = weight.dtype
     device = weight.device  # solved where the weights are: the GPU when quantizing on one
-    w = weight.detach().to(precision).clone()
-    h = hessian.detach().to(device=device, dtype=precision, copy=True)
+    w = weight.detach() if overwrite and weight.dtype == precision else weight.detach().to(precision).clone()
+    if callable(hessian):
+        h = hessian().detach().to(device=device, dtype=precision)  # ours now: no copy
+    else:
+        h = hessian.detach().to(device=device, dtype=precision, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -80,7 +90,8 @@ def gptq(
         static = _exact_asymmetric_qparams(w.to(torch.float32), group)
         order = torch.argsort(torch.diagonal(h).cpu(), descending=True, stable=True)
         w, h = w[:, order], h[order][:, order]
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    damping = float(damp * torch.diagonal(h).mean())
+    h.diagonal().add_(damping)
     try:
         h = torch.linalg.cholesky(h)  # one [in, in] matrix alive beside the next, never three
         h = torch.cholesky_inverse(h)
@@ -97,6 +108,7 @@ def gptq(
     if static is not None:
         scale[:], zero[:] = static[0].to(precision), static[1].to(precision)
     codes = torch.empty(rows, cols, dtype=torch.int8, device=device)
+    loss = torch.zeros(rows, dtype=torch.float64, device=device)  # per row: its output error, damped
     for start in range(0, cols, block):
         end = min(start + block, cols)
         w1 = w[:, start:end].clone()
@@ -114,10 +126,13 @@ def gptq(
             err = (w1[:, i] - (q - zero[:, g]) * scale[:, g]) / h1[i, i]
             w1[:, i:] -= err[:, None] * h1[i, i:][None, :]
             errors[:, i] = err
+            loss += err * err
         w[:, end:] -= errors @ hinv[start:end, end:]
     if act_order:
         codes = codes[:, torch.argsort(order)]
-    return Solution(codes, scale.to(dtype), zero.to(torch.int8))
+    # Each column's err^2 is what rounding it adds to the layer's output error under the damped
+    # Hessian, once the later columns have absorbed what they can; their sum is that error.
+    return Solution(codes, scale.to(dtype), zero.to(torch.int8), loss=loss, damping=damping, dead=dead.cpu())
 
 
 @register_method
@@ -178,24 +193,49 @@ class Int4GPTQ(SolvedInt4):
         is left as it is."""
         errors: dict[str, tuple[float, float]] = {}
         while groups:
-            group = groups.pop(0)  # freed once solved: one [in, in] Hessian at a time
-            for size, members in self._planned(block, prefix, group.names).items():
-                self.solve(members, group.hessian, size)
+            group = groups.pop(0)  # one [in, in] Hessian at a time, handed to the last solve
+            planned = list(self._planned(block, prefix, group.names).items())
+            for i, (size, members) in enumerate(planned):
+                rtn = {name: output_error(lin.weight, group.hessian, rounded(size)) for name, lin in members}
+                last = i == len(planned) - 1
+                return_freed_memory()  # before the solver's [in, in] matrices
+                self.solve(members, group.take_hessian if last else group.hessian, size)
                 for name, linear in members:
-                    w = linear.weight.detach().float()
-                    mine = self.solutions[name].dequantized(size)
-                    rtn = rtn_codes(w, size).dequantized(size)
-                    errors[name] = (output_error(w, mine, group.hessian), output_error(w, rtn, group.hessian))
+                    errors[name] = (solved_error(linear.weight, self.solutions[name]), rtn[name])
             del group
         return errors
 
-    def solve(self, linears: list[tuple[str, nn.Linear]], hessian: torch.Tensor, group: int) -> None:
+    def solve(
+        self,
+        linears: list[tuple[str, nn.Linear]],
+        hessian: torch.Tensor | Callable[[], torch.Tensor],
+        group: int,
+    ) -> None:
         """Round layers that share one input (named, in `linears`) with GPTQ on that input's
         `hessian`, in one solve: GPTQ treats output rows independently, so stacking the layers'
         rows gives each layer exactly what solving it alone would."""
         weight = torch.cat([linear.weight.detach().float() for _, linear in linears])
-        solution = gptq(weight, hessian, group, act_order=self.act_order, damp=self.damp)
+        solution = gptq(weight, hessian, group, act_order=self.act_order, damp=self.damp, overwrite=True)
+        del weight
         start = 0
         for name, linear in linears:
             self.solutions[name] = solution.rows(start, start + linear.out_features)
             start += linear.out_features
+
+
+def solved_error(weight: torch.Tensor, solution: Solution) -> float:
+    """||X (W - Q)^T||^2 of a GPTQ solution on its calibration inputs, from what the solver
+    recorded (no Hessian needed): its per-row loss is that error under the damped Hessian
+    H + damping * I, so the damping's share, damping * ||W - Q||^2, is taken off (W with the
+    columns that never saw an input zeroed, as the solver had them)."""
+    if solution.loss is None:
+        raise ValueError("the solution carries no loss record")
+    size = solution.codes.shape[1] // solution.scale.shape[1]
+    squares = 0.0
+    for start in range(0, weight.shape[0], ROWS):
+        w = weight[start : start + ROWS].to(torch.float32, copy=True)
+        if solution.dead is not None:
+            w[:, solution.dead.to(w.device)] = 0.0
+        d = w - solution.rows(start, start + ROWS).dequantized(size)
+        squares += float((d * d).sum(dtype=torch.float64))
+    return float(solution.loss.sum()) - solution.damping * squares

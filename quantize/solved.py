@@ -11,6 +11,7 @@ decoder layer out at once (`calibrate`), from the layer's inputs on calibration 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +33,9 @@ class Solution:
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
+    loss: torch.Tensor | None = None  # per row, the output error the solver incurred (GPTQ)
+    damping: float = 0.0  # what the solver added to the Hessian's diagonal
+    dead: torch.Tensor | None = None  # input columns that never saw a non-zero input
 
     def dequantized(self, group: int) -> torch.Tensor:
         """The weights the codes stand for, fp32: (q - zp) * s."""
@@ -40,7 +44,15 @@ class Solution:
         return (self.codes.float() - zero) * scale
 
     def rows(self, start: int, stop: int) -> Solution:
-        return Solution(self.codes[start:stop], self.scale[start:stop], self.zero_point[start:stop])
+        loss = self.loss[start:stop] if self.loss is not None else None
+        return Solution(
+            self.codes[start:stop],
+            self.scale[start:stop],
+            self.zero_point[start:stop],
+            loss,
+            self.damping,
+            self.dead,
+        )
 
 
 @dataclass
@@ -58,6 +70,11 @@ class InputGroup:
     hessian: torch.Tensor
     abs_mean: torch.Tensor
 
+    def take_hessian(self) -> torch.Tensor:
+        """Hand the Hessian over (to be worked on in place): the group keeps no reference."""
+        hessian, self.hessian = self.hessian, None  # type: ignore[assignment]
+        return hessian
+
 
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """Round-to-nearest codes of `w` on the grid (scale, zero point), clamped to int4."""
@@ -73,10 +90,32 @@ def rtn_codes(weight: torch.Tensor, group: int) -> Solution:
     return Solution(codes.to(torch.int8), scale, zero)
 
 
-def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """||X (W - Q)^T||^2 over the calibration inputs, from H = X^T X: trace((W - Q) H (W - Q)^T)."""
-    d = w.float() - q.float()
-    return float(((d @ h) * d).sum(dtype=torch.float64))
+ROWS = 1024  # output rows at a time when measuring errors: temporaries stay small
+
+
+def output_error(
+    weight: torch.Tensor, h: torch.Tensor, dequantize: Callable[[slice, torch.Tensor], torch.Tensor]
+) -> float:
+    """||X (W - Q)^T||^2 over the calibration inputs, from H = X^T X: trace((W - Q) H (W - Q)^T),
+    a block of output rows at a time.
+
+    Args:
+        weight: `[out, in]` the full-precision weights W.
+        h: `[in, in]` X^T X.
+        dequantize: Q's rows, given which rows and W's rows in fp32.
+    """
+    total = 0.0
+    for start in range(0, weight.shape[0], ROWS):
+        rows = slice(start, min(start + ROWS, weight.shape[0]))
+        w = weight[rows].float()
+        d = w - dequantize(rows, w)
+        total += float(((d @ h) * d).sum(dtype=torch.float64))
+    return total
+
+
+def rounded(size: int) -> Callable[[slice, torch.Tensor], torch.Tensor]:
+    """`output_error`'s Q for round-to-nearest on the `int4` grid with groups of `size`."""
+    return lambda rows, w: rtn_codes(w, size).dequantized(size)
 
 
 class SolvedInt4(Int4):

@@ -50,7 +50,7 @@ def test_folded_scales_leave_the_full_precision_layer_unchanged(case, hf_checkpo
     monkeypatch.setattr(
         awq,
         "_search",
-        lambda weight, group, size: (torch.rand(weight.shape[1], generator=gen) * 3 + 0.2, 0.5),
+        lambda linears, group, size: (torch.rand(linears[0].in_features, generator=gen) * 3 + 0.2, 0.5),
     )
     folded = copy.deepcopy(block)
     method = Int4AWQ(group_size=32)

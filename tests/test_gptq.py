@@ -261,3 +261,25 @@ def test_gptq_calibrates_each_input_with_the_projections_before_it_quantized(
         (["mlp.down"], True),
     ]
     assert len(seen) == 8  # two layers, four inputs each
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_solvers_loss_record_is_the_output_error(act_order: bool):
+    """What `solved_error` reads from the solver (its per-row loss less the damping's share)
+    equals trace((W - Q) H (W - Q)^T) computed from the Hessian, which the solver may consume."""
+    from hubquant.quantize.gptq import solved_error
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 128, dtype=torch.float64) * 0.05
+    x = correlated_inputs(512, 128)
+    h = x.T @ x
+    h[:, 5] = h[5, :] = 0
+    solution = gptq(w, h, 32, act_order=act_order, precision=torch.float64)
+    d = w.clone()
+    d[:, 5] = 0  # what the solver rounds in a dead column: zero
+    d -= solution.dequantized(32).double()
+    want = float(((d @ h) * d).sum())
+    assert solved_error(w, solution) == pytest.approx(want, rel=1e-6)  # fp32 dequantized values
+    taken = h.clone()
+    consumed = gptq(w, lambda: taken, 32, act_order=act_order, precision=torch.float64)
+    assert torch.equal(consumed.codes, solution.codes)

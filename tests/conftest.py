@@ -6,6 +6,7 @@ weight, a bias, an offset or an xIELU parameter produces different logits and fa
 
 from __future__ import annotations
 
+import copy
 import os
 import textwrap
 from collections.abc import Callable
@@ -114,7 +115,9 @@ def build_hf_model(case: str, seed: int = 0) -> torch.nn.Module:
     import transformers
 
     cls_name, overrides = CASES[case]
-    config = getattr(transformers, cls_name)(**{**BASE, **overrides})
+    # A copy: transformers writes into the rope_scaling dict it is given (rope_theta), and the
+    # cases share LLAMA3_SCALING, so one build would change the next one's config.
+    config = getattr(transformers, cls_name)(**copy.deepcopy({**BASE, **overrides}))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     perturb_(model, seed)

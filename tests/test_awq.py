@@ -125,3 +125,13 @@ def test_awq_refuses_settings_that_are_not_its_own():
     for option, flag in (("hqq", "--hqq"), ("act_order", "--act-order")):
         with pytest.raises(HubquantError, match=f"int4-awq chooses its own rounding; {flag}"):
             get_method("int4-awq", **{option: True})
+
+
+def test_building_a_case_leaves_the_shared_cases_unchanged():
+    """transformers writes into the rope_scaling dict it is given; the apertus case built before
+    llama3_rope once changed llama3_rope's config (rope_theta) and broke test_convert."""
+    from conftest import CASES, build_hf_model
+
+    before = copy.deepcopy(CASES)
+    build_hf_model("apertus")
+    assert CASES == before

@@ -177,9 +177,11 @@ class Int4AWQ(SolvedInt4):
                 for name, linear in members:
                     planned_names.add(name)
                     col, row = columns.get(name), rows.get(name)
-                    w = linear.weight.detach().float()
-                    w = w * col if col is not None else w
-                    w = w / row[:, None] if row is not None else w
+                    w = linear.weight.detach().to(torch.float32, copy=True)  # scaled in place
+                    if col is not None:
+                        w.mul_(col)
+                    if row is not None:
+                        w.div_(row[:, None])
                     self.solutions[name] = rtn_codes(w, size)
                     del w
                     errors[name] = (

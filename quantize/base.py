@@ -119,9 +119,9 @@ class Method(ABC):
         each (see `quantize/solved.py`)."""
         raise NotImplementedError(f"{self.name} is not calibrated")
 
-    def dequantized(self, name: str) -> torch.Tensor | None:
-        """Calibrated methods: the weights `calibrate` worked out for `name`, to carry the
-        calibration activations on to the next layer."""
+    def dequantized(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """Calibrated methods: the weights `calibrate` worked out for `name`, in `dtype`, to carry
+        the calibration activations on to the next layer."""
         raise NotImplementedError(f"{self.name} is not calibrated")
 
     def to_runtime(self, module: nn.Module) -> nn.Module:

@@ -231,9 +231,9 @@ class LayerCalibration:
             self.errors.update(method.calibrate(block, prefix, groups))
             for name in done:
                 linear = remaining.pop(name)
-                quantized = method.dequantized(name)
+                quantized = method.dequantized(name, linear.weight.dtype)
                 if quantized is not None:  # else skipped by the method's plan: full precision
-                    weight = quantized.to(device=linear.weight.device, dtype=linear.weight.dtype)
+                    weight = quantized.to(linear.weight.device)
                     linear.weight = nn.Parameter(weight, requires_grad=False)
         self.x = self._run(block, device, keep=True)
 

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from hubquant.models.checkpoint import Checkpoint
 
 from .base import LayerRecord, Method, QuantReport, tensor_bytes
-from .calibration import CalibrationSettings, LayerCalibration, calibration_ids
+from .calibration import CalibrationSettings, LayerCalibration, calibration_ids, return_freed_memory
 from .card import write_card
 from .registry import get_method, method_class, parse_variant
 
@@ -522,8 +522,12 @@ def _write_quantized(
             writer.close()  # checks the finished shard with the safetensors library
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update(dict.fromkeys(tensors, shard))
-            del tensors
+            # Drop every reference to this layer's tensors before the next layer is read (the
+            # loop variables would keep its last projection alive until then).
+            del tensors, targets
+            target = module = None
             streamer.release(group)
+            return_freed_memory()  # what the layer's temporaries left in the heap, before the next
     streamer.weight_map, streamer.total_size = weight_map, total
     if calib is not None:
         report.settings.setdefault("calibration", {}).update(calib.summary())

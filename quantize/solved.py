@@ -23,6 +23,7 @@ from hubquant.errors import HubquantError
 from .torchao_methods import Int4, _detached_linear, _exact_asymmetric_qparams
 
 QMIN, QMAX = -8, 7
+ROWS = 256  # output rows at a time when dequantizing or measuring errors: temporaries stay small
 
 
 @dataclass
@@ -37,11 +38,17 @@ class Solution:
     damping: float = 0.0  # what the solver added to the Hessian's diagonal
     dead: torch.Tensor | None = None  # input columns that never saw a non-zero input
 
-    def dequantized(self, group: int) -> torch.Tensor:
-        """The weights the codes stand for, fp32: (q - zp) * s."""
-        scale = self.scale.float().repeat_interleave(group, dim=1)
-        zero = self.zero_point.float().repeat_interleave(group, dim=1)
-        return (self.codes.float() - zero) * scale
+    def dequantized(self, group: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights the codes stand for, (q - zp) * s worked out in fp32 and stored in `dtype`;
+        a block of rows at a time, so that no `[out, in]` fp32 temporary exists beside the result."""
+        rows, cols = self.codes.shape
+        out = torch.empty(rows, cols, dtype=dtype, device=self.codes.device)
+        for start in range(0, rows, ROWS):
+            r = slice(start, min(start + ROWS, rows))
+            q = self.codes[r].view(-1, cols // group, group).float()
+            q.sub_(self.zero_point[r, :, None].float()).mul_(self.scale[r, :, None].float())
+            out[r] = q.view(-1, cols)
+        return out
 
     def rows(self, start: int, stop: int) -> Solution:
         loss = self.loss[start:stop] if self.loss is not None else None
@@ -82,15 +89,20 @@ def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 
 
 def rtn_codes(weight: torch.Tensor, group: int) -> Solution:
-    """Round-to-nearest on the `int4` grid (what `int4` does)."""
-    scale, zero = _exact_asymmetric_qparams(weight.float(), group)
-    s = scale.float().repeat_interleave(group, dim=1)
-    z = zero.float().repeat_interleave(group, dim=1)
-    codes = quantize_column(weight.float(), s, z)
-    return Solution(codes.to(torch.int8), scale, zero)
-
-
-ROWS = 1024  # output rows at a time when measuring errors: temporaries stay small
+    """Round-to-nearest on the `int4` grid (what `int4` does), a block of rows at a time (the grid
+    is per row and group, so blocks change nothing but the size of the temporaries)."""
+    rows, cols = weight.shape
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+    scales, zeros = [], []
+    for start in range(0, rows, ROWS):
+        w = weight[start : start + ROWS].float()
+        scale, zero = _exact_asymmetric_qparams(w, group)
+        grouped = w.reshape(-1, cols // group, group)
+        q = quantize_column(grouped, scale[:, :, None], zero.float()[:, :, None])
+        codes[start : start + ROWS] = q.view(-1, cols)
+        scales.append(scale)
+        zeros.append(zero)
+    return Solution(codes, torch.cat(scales), torch.cat(zeros))
 
 
 def output_error(
@@ -170,12 +182,12 @@ class SolvedInt4(Int4):
         """What the method chose over the whole model, for the calibration record (default: nothing)."""
         return {}
 
-    def dequantized(self, name: str) -> torch.Tensor | None:
-        """The solved weights of `name` (fp32), or None where the plan skipped it."""
+    def dequantized(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """The solved weights of `name` in `dtype`, or None where the plan skipped it."""
         solution = self.solutions.get(name)
         if solution is None:
             return None
-        return solution.dequantized(solution.codes.shape[1] // solution.scale.shape[1])
+        return solution.dequantized(solution.codes.shape[1] // solution.scale.shape[1], dtype)
 
     def quantize_named(self, name: str, linear: nn.Linear, layer_settings: dict[str, Any]) -> nn.Module:
         """The saved-layout module of a solved layer: its codes and qparams, nothing recomputed."""

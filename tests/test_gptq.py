@@ -283,3 +283,53 @@ def test_the_solvers_loss_record_is_the_output_error(act_order: bool):
     taken = h.clone()
     consumed = gptq(w, lambda: taken, 32, act_order=act_order, precision=torch.float64)
     assert torch.equal(consumed.codes, solution.codes)
+
+
+@pytest.mark.parametrize("variant", ["int4:g32", "int4-gptq:g32"])
+def test_each_layers_tensors_are_freed_before_the_next_layer_is_read(
+    hf_checkpoint, tmp_path, monkeypatch, variant
+):
+    """The streaming writer holds one layer at a time: once a layer is written, nothing keeps its
+    tensors (the weights it was read with, the worked-out weights that replaced them) alive while
+    the next layer is read. (The writer's loop variables once kept the last projection alive, and
+    with it the layer's largest matrices, through the next layer's calibration.)"""
+    import weakref
+
+    from hubquant.quantize import core
+
+    folder, _ = hf_checkpoint("llama_gqa")
+    seen: list[tuple[str, weakref.ref]] = []
+    alive: list[str] = []
+    release, materialize = core._LayerStreamer.release, core._LayerStreamer.materialize
+
+    def watch_release(self, layer):
+        if layer is not None:
+            for name, tensor in self.model.layers[layer].state_dict(keep_vars=True).items():
+                seen.append((f"layers.{layer}.{name}", weakref.ref(tensor)))
+        release(self, layer)
+
+    def watch_materialize(self, names):
+        alive.extend(name for name, ref in seen if ref() is not None)
+        seen.clear()
+        materialize(self, names)
+
+    monkeypatch.setattr(core._LayerStreamer, "release", watch_release)
+    monkeypatch.setattr(core._LayerStreamer, "materialize", watch_materialize)
+    settings = CalibrationSettings(samples=4, length=16)
+    quantize_checkpoint(folder, tmp_path / "out", variant, progress=False, calibration=settings)
+    assert not seen or all(ref() is None for _, ref in seen)
+    assert alive == []
+
+
+def test_dequantized_a_block_of_rows_at_a_time_equals_the_whole_matrix_formula():
+    from hubquant.quantize.solved import ROWS
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(ROWS + 37, 96, generator=gen)  # more rows than a block, and a partial block
+    solution = rtn_codes(w, 32)
+    scale = solution.scale.float().repeat_interleave(32, dim=1)
+    zero = solution.zero_point.float().repeat_interleave(32, dim=1)
+    whole = (solution.codes.float() - zero) * scale
+    assert torch.equal(solution.dequantized(32), whole)
+    assert torch.equal(solution.dequantized(32, torch.bfloat16), whole.to(torch.bfloat16))
+    assert torch.equal(solution.codes.float(), torch.clamp(torch.round(w / scale) + zero, -8, 7))

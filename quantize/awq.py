@@ -115,12 +115,6 @@ class Int4AWQ(SolvedInt4):
         "so the norm weights (and up/v biases) in this folder differ from the base model's."
     )
     library: ClassVar[str] = "torchao"
-    sizes: ClassVar[str] = (
-        "Saved as `int4` is: torchao's portable layout, one byte per 4-bit value "
-        "(`IntxUnpackedToInt8Tensor`); hubquant packs it at load time into the fast layout of the "
-        "device, two values per byte, which is the run-time figure. transformers loads the folder as "
-        "any int4 folder and keeps the saved layout in memory."
-    )
     repacks: ClassVar[bool] = True
     default_eval: ClassVar[bool] = False
 

@@ -157,12 +157,6 @@ class Int4GPTQ(SolvedInt4):
         "in order, each on the activations the already-quantized layers before it produce."
     )
     library: ClassVar[str] = "torchao"
-    sizes: ClassVar[str] = (
-        "Saved as `int4` is: torchao's portable layout, one byte per 4-bit value "
-        "(`IntxUnpackedToInt8Tensor`); hubquant packs it at load time into the fast layout of the "
-        "device, two values per byte, which is the run-time figure. transformers loads the folder as "
-        "any int4 folder and keeps the saved layout in memory."
-    )
     repacks: ClassVar[bool] = True
     default_eval: ClassVar[bool] = False
     sequential: ClassVar[bool] = True

@@ -1,9 +1,10 @@
 """The quantization methods by name: one table, read from the methods' own files without importing them.
 
 A method is a class in a module of this folder decorated with `@register_method` (see `base.py`).
-Its plain facts are literal class attributes: `name`, `library`, `bits`, `title`, `about` (what the
-format stores), `sizes` (how disk and run-time bytes relate), `repacks` (hubquant.load changes the
-layout for the device) and `default_eval` (`hubquant eval` makes it when no `--variants` is given).
+Its plain facts are literal class attributes, its own or a base class's in this folder: `name`,
+`library`, `bits`, `title`, `about` (what the format stores), `sizes` (how disk and run-time bytes
+relate), `repacks` (hubquant.load changes the layout for the device) and `default_eval` (`hubquant
+eval` makes it when no `--variants` is given).
 This module reads them from the source with `ast`, so that `--help`, the model card and every list of
 variants name the methods without importing torch, torchao or bitsandbytes; `get_method` imports
 the one module a method lives in, when the method is used. A test checks that table and classes agree.
@@ -159,14 +160,14 @@ def _read_module(path: Path, module: str) -> list[MethodInfo]:
     source = path.read_text(encoding="utf-8")
     if "register_method" not in source:
         return []
-    tree = ast.parse(source, filename=str(path))
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     found = []
-    for cls in classes.values():
+    for cls, where in _namespace(path).values():
+        if where != path:
+            continue  # imported from another module
         if not any(_names(decorator) == "register_method" for decorator in cls.decorator_list):
             continue
         attributes: dict[str, Any] = {}
-        for node in reversed(_lineage(cls, classes)):  # bases first: a subclass overrides
+        for node in reversed(_lineage(cls, path)):  # bases first: a subclass overrides
             attributes.update(_literal_attributes(node))
         known = {k: v for k, v in attributes.items() if k in _FIELDS}
         missing = [k for k in _REQUIRED if k not in known]
@@ -178,6 +179,29 @@ def _read_module(path: Path, module: str) -> list[MethodInfo]:
     return found
 
 
+def _parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _namespace(path: Path, visiting: frozenset[Path] = frozenset()) -> dict[str, tuple[ast.ClassDef, Path]]:
+    """The classes a module can name at its top level: its own, and those it imports from the
+    modules beside it (`from .solved import SolvedInt4`), each with the file that defines it."""
+    names: dict[str, tuple[ast.ClassDef, Path]] = {}
+    tree = _parse(path)
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            source = path.parent / f"{node.module.replace('.', '/')}.py"
+            if source.is_file() and source not in visiting:
+                theirs = _namespace(source, visiting | {path})
+                for alias in node.names:
+                    if alias.name in theirs:
+                        names[alias.asname or alias.name] = theirs[alias.name]
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            names[node.name] = (node, path)
+    return names
+
+
 def _names(node: ast.expr) -> str:
     if isinstance(node, ast.Name):
         return node.id
@@ -186,13 +210,14 @@ def _names(node: ast.expr) -> str:
     return ""
 
 
-def _lineage(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> list[ast.ClassDef]:
-    """`cls` and its bases defined in the same module, nearest first."""
+def _lineage(cls: ast.ClassDef, path: Path) -> list[ast.ClassDef]:
+    """`cls` (defined in `path`) and its bases defined in this folder, nearest first."""
     chain = [cls]
+    namespace = _namespace(path)
     for base in cls.bases:
-        parent = classes.get(_names(base))
-        if parent is not None and parent is not cls:
-            chain += _lineage(parent, classes)
+        parent = namespace.get(_names(base))
+        if parent is not None and parent[0] is not cls:
+            chain += _lineage(*parent)
     return chain
 
 

@@ -139,6 +139,12 @@ class SolvedInt4(Int4):
     """
 
     calibrated: ClassVar[bool] = True
+    sizes: ClassVar[str] = (
+        "Saved as `int4` is: torchao's portable layout, one byte per 4-bit value "
+        "(`IntxUnpackedToInt8Tensor`); hubquant packs it at load time into the fast layout of the "
+        "device, two values per byte, which is the run-time figure. transformers loads the folder as "
+        "any int4 folder and keeps the saved layout in memory."
+    )
 
     def __init__(
         self, group_size: int | None = None, hqq: bool = False, act_order: bool = False, **settings: Any

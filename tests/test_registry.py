@@ -100,6 +100,26 @@ def test_reader_follows_bases_in_the_module_and_refuses_a_method_without_its_fac
         registry._read_module(path, "pkg.x")
 
 
+def test_reader_follows_a_base_imported_from_a_module_beside_it(tmp_path: Path) -> None:
+    """A fact stated once on a shared base in another file of the folder (as `sizes` on
+    `SolvedInt4` for `int4-gptq` and `int4-awq`) reaches every method built on it; a subclass
+    still overrides it, and the base's own base is followed too."""
+    (tmp_path / "shared.py").write_text(
+        "from .root import Root\nclass Shared(Root):\n    sizes = 'stated once'\n    bits = 4\n"
+    )
+    (tmp_path / "root.py").write_text("class Root:\n    library = 'somelib'\n    bits = 8\n")
+    path = tmp_path / "int4x.py"
+    path.write_text(
+        "from .base import register_method\nfrom .shared import Shared as Base\n"
+        "@register_method\nclass Int4X(Base):\n    name = 'int4-x'\n    title = 't'\n    about = 'a'\n"
+        "@register_method\nclass Int4Y(Base):\n    name = 'int4-y'\n    title = 't'\n    about = 'a'\n"
+        "    sizes = 'its own'\n"
+    )
+    x, y = registry._read_module(path, "pkg.int4x")
+    assert (x.name, x.library, x.bits, x.sizes) == ("int4-x", "somelib", 4, "stated once")
+    assert (y.name, y.sizes) == ("int4-y", "its own")
+
+
 @pytest.fixture
 def int3(monkeypatch: pytest.MonkeyPatch) -> MethodInfo:
     """A method added to the table: what a new method's file adds, and nothing else."""

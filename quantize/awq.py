@@ -39,12 +39,15 @@ from .solved import InputGroup, SolvedInt4, output_error, rounded, rtn_codes
 GRID = 20  # exponents tried: 0, 1/20, ..., 19/20
 
 
-def _search(linears: list[nn.Linear], group: InputGroup, size: int) -> tuple[torch.Tensor | None, float]:
+def _search(
+    linears: list[nn.Linear], group: InputGroup, size: int
+) -> tuple[torch.Tensor | None, float, list[float]]:
     """The scales for the input columns of `linears` (fed one input) with the lowest output error
     on the calibration inputs, and their exponent; None where round-to-nearest (exponent 0) is
-    best."""
+    best. Also each layer's error with round-to-nearest (exponent 0), for the record."""
     magnitude = group.abs_mean.float().clamp_min(1e-8)
     best: tuple[float, torch.Tensor | None, float] = (float("inf"), None, 0.0)
+    rtn: list[float] = []
     for step in range(GRID):
         alpha = step / GRID
         scale: torch.Tensor | None = None
@@ -53,12 +56,14 @@ def _search(linears: list[nn.Linear], group: InputGroup, size: int) -> tuple[tor
             scale = scale / (scale.max() * scale.min()).sqrt()
             if not torch.isfinite(scale).all():
                 continue
-        error = sum(
+        errors = [
             output_error(linear.weight, group.hessian, _scaled_rounding(size, scale)) for linear in linears
-        )
-        if error < best[0]:
-            best = (error, scale, alpha)
-    return best[1], best[2]
+        ]
+        if not step:
+            rtn = errors
+        if sum(errors) < best[0]:
+            best = (sum(errors), scale, alpha)
+    return best[1], best[2], rtn
 
 
 def _scaled_rounding(
@@ -143,13 +148,15 @@ class Int4AWQ(SolvedInt4):
         to nearest in its scaled form (`SolvedInt4.calibrate`)."""
         columns: dict[str, torch.Tensor] = {}  # name -> its input columns' scale
         rows: dict[str, torch.Tensor] = {}  # name -> its output rows' divisor
+        rtn: dict[str, float] = {}  # name -> its output error rounded to nearest, as the search found it
         for group in groups:
             producer = self._producer(block, prefix, group.names)
             planned = self._planned(block, prefix, group.names)
             if producer is None or len(planned) != 1:
                 continue  # nothing to fold into (or mixed group sizes): round to nearest
             ((size, members),) = planned.items()
-            scale, alpha = _search([linear for _, linear in members], group, size)
+            scale, alpha, errors_rtn = _search([linear for _, linear in members], group, size)
+            rtn.update(zip([name for name, _ in members], errors_rtn, strict=True))
             if scale is None:
                 continue
             if isinstance(producer, nn.Linear):  # divide its output rows (and bias) by the scale
@@ -178,10 +185,13 @@ class Int4AWQ(SolvedInt4):
                         w.div_(row[:, None])
                     self.solutions[name] = rtn_codes(w, size)
                     del w
-                    errors[name] = (
-                        output_error(linear.weight, group.hessian, _scaled_rounding(size, col, row)),
-                        output_error(linear.weight, group.hessian, rounded(size)),
-                    )
+                    if name not in rtn:  # not searched: nothing to fold into
+                        rtn[name] = output_error(linear.weight, group.hessian, rounded(size))
+                    if col is None and row is None:
+                        mine = rtn[name]  # rounded to nearest, unscaled
+                    else:
+                        mine = output_error(linear.weight, group.hessian, _scaled_rounding(size, col, row))
+                    errors[name] = (mine, rtn[name])
             del group
         for name in set(columns) | set(rows):  # a skipped projection keeps full precision, scaled
             if name not in planned_names:

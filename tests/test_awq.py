@@ -50,7 +50,11 @@ def test_folded_scales_leave_the_full_precision_layer_unchanged(case, hf_checkpo
     monkeypatch.setattr(
         awq,
         "_search",
-        lambda linears, group, size: (torch.rand(linears[0].in_features, generator=gen) * 3 + 0.2, 0.5),
+        lambda linears, group, size: (
+            torch.rand(linears[0].in_features, generator=gen) * 3 + 0.2,
+            0.5,
+            [1.0] * len(linears),
+        ),
     )
     folded = copy.deepcopy(block)
     method = Int4AWQ(group_size=32)
@@ -135,3 +139,38 @@ def test_building_a_case_leaves_the_shared_cases_unchanged():
     before = copy.deepcopy(CASES)
     build_hf_model("apertus")
     assert CASES == before
+
+
+def test_the_error_record_is_each_projections_own_error_and_round_to_nearests(hf_checkpoint):
+    """What `calibrate` records per projection, measured again from scratch on the same inputs:
+    round-to-nearest's error (which the search's exponent 0 also gives) and AWQ's own."""
+    from hubquant.quantize.solved import output_error, rounded
+
+    folder, _ = hf_checkpoint("llama_gqa")
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    block = model.layers[0]
+    for module in block.modules():  # the fused q/k/v and gate/up products of a loaded model
+        module.__dict__.pop("_fused", None)
+    x, rope, mask = _layer_inputs(model)
+    targets = [(f"layers.0.{n}", m) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    stats = InputStats(targets)
+    with torch.no_grad():
+        block(x, rope, mask, None)
+    stats.remove()
+    groups = stats.groups()
+    hessians = {name: group.hessian.clone() for group in groups for name in group.names}
+    weights = {name: linear.weight.detach().clone() for name, linear in targets}
+    method = Int4AWQ(group_size=32)
+    with torch.no_grad():
+        errors = method.calibrate(block, "layers.0.", groups)
+    assert set(errors) == set(weights)
+    for name, (mine, rtn) in errors.items():
+        assert rtn == output_error(weights[name], hessians[name], rounded(32)), name
+        solution = method.solutions[name]
+        col, row = method.scales.get(name, (None, None))
+        q = solution.dequantized(32)
+        q = q / col if col is not None else q
+        q = q * row[:, None] if row is not None else q
+        d = (weights[name] - q).double()
+        assert mine == pytest.approx(float(((d @ hessians[name].double()) * d).sum()), rel=1e-4), name
+    assert any(mine < rtn for mine, rtn in errors.values())

@@ -25,6 +25,7 @@ reuses them instead of compiling again.
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,9 +138,19 @@ def compiled_step(model: Decoder) -> Any:
     if step is None:
         compile_cache_dir()
         drop_stale_fusions(model)
-        step = torch.compile(static_step, dynamic=False, **compile_options(model))
+        step = torch.compile(_own_copy(static_step), dynamic=False, **compile_options(model))
         model.__dict__["_compiled_step"] = step
     return step
+
+
+def _own_copy(function: Any) -> Any:
+    """`function` with a code object of its own. Dynamo keeps compiled graphs, and counts
+    recompiles against `recompile_limit` (8), per code object: every model compiling the one
+    `static_step` would share that count, and the ninth model of a process (an eval of many
+    variants, a sweep) would silently decode eagerly."""
+    return types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__
+    )
 
 
 def advance(cache: KVCache, slot: torch.Tensor) -> None:

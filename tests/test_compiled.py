@@ -103,3 +103,25 @@ def test_the_compiled_step_mutates_only_static_state(hf_checkpoint, monkeypatch)
     assert mutated, "the step writes its cache: some input must be mutated"
     assert mutated <= static, f"inputs {sorted(mutated - static)} are mutated but not static state"
     assert model.__dict__["_static_cache"][1] is cache  # the same tensors, call after call
+
+
+def test_each_model_compiles_its_own_step_past_dynamos_recompile_limit(hf_checkpoint, monkeypatch):
+    """An eval of many variants (or a sweep) compiles one step per model in one process. Dynamo
+    counts recompiles per code object: were the models to share `static_step`'s, the one after
+    `recompile_limit` would not compile at all and would decode eagerly without a word."""
+    import hubquant.models.compiled as compiled
+
+    compiles: list[int] = []
+
+    def counting(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    monkeypatch.setattr(compiled, "compile_options", lambda model: {"backend": counting})
+    folder, _ = hf_checkpoint("llama_gqa")
+    ids = sample_ids(batch=1, seq=4)
+    models = torch._dynamo.config.recompile_limit + 2
+    for _ in range(models):
+        model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+        model.generate(ids, max_new_tokens=2, eos_ids=[], compile=True)
+    assert len(compiles) == models

@@ -101,3 +101,40 @@ def calibration_split(tokens: int) -> int:
     if tokens < 2:
         raise HubquantError(f"a text of {tokens} token(s) cannot be split into scoring and calibration parts")
     return tokens - max(1, tokens // CALIBRATION_SHARE)
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """One text's tokens split once (`calibration_split`): tokens [0, split) are the scoring part,
+    [split, total) the calibration slice. The one place both sides read the split from: a
+    calibration records what it drew on (`record`), and an eval checks a variant's record against
+    what it scores (`scores_any_of`).
+
+    Attributes:
+        text: the text.
+        total: its length in tokens (the checkpoint's own tokenizer's).
+    """
+
+    text: Text
+    total: int
+
+    @property
+    def split(self) -> int:
+        return calibration_split(self.total)
+
+    def record(self) -> dict[str, object]:
+        """What a calibration on this text records about where its tokens came from."""
+        return {
+            "text": self.text.name,
+            "sha256": self.text.sha256,
+            "token_range": [self.split, self.total],
+            "rule": "the last quarter of the text's tokens, never scored by an eval of it; sequences "
+            "at seeded random offsets inside it",
+        }
+
+    def scores_any_of(self, calibration: dict[str, object]) -> bool:
+        """Whether an eval of this text scores tokens a calibration (its record) learnt from."""
+        token_range = calibration.get("token_range")
+        if not isinstance(token_range, list | tuple) or not token_range:
+            return False  # calibrated on no text (seeded random ids)
+        return calibration.get("sha256") == self.text.sha256 and int(token_range[0]) < self.split

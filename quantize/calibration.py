@@ -2,7 +2,7 @@
 activations that carry those tokens through a decoder one layer at a time while it is quantized.
 
 Tokens: `samples` sequences of `length` tokens, at seeded random offsets inside the calibration
-slice of the text (its last quarter, `hubquant.texts.calibration_split`), which no eval of that
+slice of the text (its last quarter, `hubquant.texts.TokenSplit`), which no eval of that
 text scores. A checkpoint without a tokenizer (a synthetic benchmark model) calibrates on seeded
 random ids instead, and says so.
 
@@ -27,7 +27,7 @@ from torch import nn
 from hubquant.errors import HubquantError
 from hubquant.files import read_json
 from hubquant.models.tokenizer import Tokenizer
-from hubquant.texts import calibration_split, load_text
+from hubquant.texts import TokenSplit, load_text
 
 from .solved import InputGroup
 
@@ -88,19 +88,15 @@ def calibration_ids(
     tokenizer = Tokenizer.from_folder(folder, family.with_defaults(hf_config), gen_config)
     text = load_text(settings.dataset)
     ids = torch.tensor(tokenizer.encode(text.text, add_special_tokens=False), dtype=torch.long)
-    split = calibration_split(ids.numel())
-    tail = ids[split:]
+    split = TokenSplit(text, ids.numel())
+    tail = ids[split.split :]
     if tail.numel() < settings.length:
         raise HubquantError(
             f"the calibration slice of {text.name} has {tail.numel()} tokens, fewer than --calib-len "
             f"{settings.length}; use a shorter --calib-len or a longer --calib-dataset"
         )
     starts = torch.randint(0, tail.numel() - settings.length + 1, (settings.samples,), generator=gen)
-    record.update(
-        text=text.name, sha256=text.sha256, token_range=[split, ids.numel()],
-        rule="the last quarter of the text's tokens, never scored by an eval of it; sequences at "
-        "seeded random offsets inside it",
-    )  # fmt: skip
+    record.update(split.record())
     return torch.stack([tail[s : s + settings.length] for s in starts.tolist()]), record
 
 

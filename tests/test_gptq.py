@@ -205,6 +205,35 @@ def test_calibration_draws_from_the_slice_no_eval_scores(smollm2_folder: Path):
     assert torch.equal(ids, again)  # seeded
 
 
+def test_an_eval_refuses_a_variant_calibrated_on_tokens_it_scores():
+    """The split both sides read: a calibration's own record is never scored by an eval of its
+    text; a record drawn from the scoring part of the same text is refused in one line; another
+    text, or seeded random ids, is no concern of this eval."""
+    from types import SimpleNamespace
+
+    from hubquant.evaluate.tasks.causal_lm import CausalLM
+    from hubquant.texts import Text, TokenSplit
+
+    text = Text("notes.txt", "some text to split")
+    tokens = TokenSplit(text, 1000)
+    assert tokens.split == calibration_split(1000) == 750
+    task = CausalLM(settings=None, checkpoint=None)  # type: ignore[arg-type]
+    task.tokens = tokens
+
+    def variant(record):
+        return SimpleNamespace(quant_report=SimpleNamespace(settings={"calibration": record}))
+
+    assert task.adopt(variant(tokens.record()), None, "int4-gptq") == []
+    assert task.adopt(variant({"text": "seeded random token ids"}), None, "int4-gptq") == []
+    other = TokenSplit(Text("other.txt", "another text"), 1000).record()
+    assert task.adopt(variant({**other, "token_range": [0, 1000]}), None, "int4-gptq") == []
+    scored = {**tokens.record(), "token_range": [749, 1000]}
+    with pytest.raises(
+        HubquantError, match=r"int4-gptq was calibrated on tokens 749\.\. of notes.txt.*--force"
+    ):
+        task.adopt(variant(scored), None, "int4-gptq")
+
+
 def test_quantize_cli_calibration_flags(hf_checkpoint, tmp_path, capsys):
     from hubquant.cli import main
 

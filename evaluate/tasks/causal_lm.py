@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from hubquant.errors import HubquantError
-from hubquant.texts import calibration_split
+from hubquant.texts import TokenSplit
 
 from .base import (
     DATASET_COLUMNS,
@@ -123,8 +123,8 @@ class CausalLM(AgreementBudget, Task):
         self.tokenizer = tokenizer
         ctx = DEFAULT_CTX if s.ctx is None else s.ctx
         ids = torch.tensor(tokenizer.encode(text.text, add_special_tokens=False))
-        total, split = ids.numel(), calibration_split(ids.numel())
-        self.text, self.split = text, split
+        self.tokens = TokenSplit(text, ids.numel())
+        total, split = self.tokens.total, self.tokens.split
         ids = ids[:split]  # the scoring part: the calibration slice (the tail) is never scored
         if s.max_tokens is not None:
             ids = ids[: s.max_tokens]
@@ -164,11 +164,10 @@ class CausalLM(AgreementBudget, Task):
         """A calibrated variant must have learnt from this text's calibration slice only."""
         report = getattr(model, "quant_report", None)
         calibration = report.settings.get("calibration") if report is not None else None
-        token_range = (calibration or {}).get("token_range")
-        if token_range and calibration.get("sha256") == self.text.sha256 and token_range[0] < self.split:
+        if calibration and self.tokens.scores_any_of(calibration):
             raise HubquantError(
-                f"variant {variant} was calibrated on tokens {token_range[0]}.. of {self.text.name}, which "
-                f"this eval scores (up to {self.split}); remake it with --force"
+                f"variant {variant} was calibrated on tokens {calibration['token_range'][0]}.. of "
+                f"{self.tokens.text.name}, which this eval scores (up to {self.tokens.split}); remake it with --force"
             )
         return []
 

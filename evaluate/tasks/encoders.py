@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from hubquant.errors import HubquantError
 
-from .base import Figure, Task, setting_text
+from .base import DEVICE_COLUMNS, Figure, MethodColumn, Task, setting_text
 
 if TYPE_CHECKING:
     from hubquant.models.checkpoint import Checkpoint
@@ -33,14 +33,12 @@ ENCODE = Figure(
     meaning="sequences encoded per second, one forward over the timed batch (its shape is in the method), "
     "median of the timed runs",
 )
-SPEED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+SPEED_COLUMNS: tuple[MethodColumn, ...] = (
     ("method", "dtype", "dtype"),
     ("method", "speed_runs", "speed_runs"),
     ("method", "encode_batch", "encode_batch"),
     ("method", "encode_length", "encode_length (tokens)"),
-    ("environment", "device", "device"),
-    ("environment", "device_name", "device_name"),
-    ("environment", "threads", "threads"),
+    *DEVICE_COLUMNS,
 )
 
 

@@ -79,6 +79,15 @@ def _detached_linear(linear: nn.Linear) -> nn.Linear:
     return new
 
 
+def _unbind_extra_repr(module: nn.Module) -> None:
+    """Break the reference cycle `quantize_` leaves: it binds an `extra_repr` to the module itself
+    (module -> its __dict__ -> bound method -> module), so a quantized layer outlives its last
+    reference until Python's cyclic collector happens to run, which a stream of a few large
+    tensors rarely triggers: the streaming writer then held several layers' weights at once. The
+    module's repr goes back to plain `Linear`'s (sizes, no weight description)."""
+    module.__dict__.pop("extra_repr", None)
+
+
 class _TorchaoMethod(Method):
     """What the three torchao methods share: quantize with `quantize_`, save and load with
     torchao's safetensors support, config.json as `TorchAoConfig(quant_type=...).to_dict()`."""
@@ -140,6 +149,7 @@ class _TorchaoMethod(Method):
         module = _detached_linear(linear)
         config = self.torchao_config(layer_settings, linear.weight.device, linear.weight.dtype)
         quantize_(module, config)
+        _unbind_extra_repr(module)
         kind = type(module.weight).__name__
         if kind not in self.tensor_types:
             # quantize_ returns the weight unchanged where it declines a shape; plan should have

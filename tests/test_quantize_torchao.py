@@ -191,6 +191,29 @@ def test_weight_error_is_the_formats(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_a_quantized_layer_is_freed_by_its_last_reference(method):
+    """No reference cycle keeps a quantized layer alive (torchao's `quantize_` binds `extra_repr`
+    to the module): the streaming writer relies on a layer's memory going when it lets go of
+    it, not whenever the cyclic collector runs."""
+    import gc
+    import weakref
+
+    layer = _linear(64, 64, seed=5)
+    quantizer = CLASSES[method]()
+    quantizer.quantize(layer, quantizer.plan("x", layer))  # first call: its lazy imports done
+    gc.collect()
+    gc.disable()
+    try:
+        saved = quantizer.quantize(layer, quantizer.plan("x", layer))
+        assert "in_features=64" in repr(saved)
+        ref = weakref.ref(saved)
+        del saved
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_metadata_is_what_torchao_writes(method):
     """hf_metadata, computed before any weight exists, equals flatten_tensor_state_dict's."""
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict

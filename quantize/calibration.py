@@ -17,6 +17,7 @@ plus one layer in fp32 and its Hessians.
 from __future__ import annotations
 
 import ctypes
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -268,7 +269,11 @@ class LayerCalibration:
 
 def return_freed_memory() -> None:
     """Hand memory freed by large temporaries back to the system (glibc keeps it otherwise, and
-    the next large matrix then comes on top of it in the peak RSS). A no-op elsewhere."""
+    the next large matrix then comes on top of it in the peak RSS; a no-op elsewhere). Objects in
+    reference cycles are collected first, the young generations only (milliseconds): a
+    bitsandbytes layer and its weight point at each other, and Python's automatic collector,
+    counting objects rather than bytes, lets several layers' worth of them pile up."""
+    gc.collect(1)
     global _TRIM
     if _TRIM is None:
         try:

@@ -314,14 +314,17 @@ def test_the_solvers_loss_record_is_the_output_error(act_order: bool):
     assert torch.equal(consumed.codes, solution.codes)
 
 
-@pytest.mark.parametrize("variant", ["int4:g32", "int4-gptq:g32"])
+@pytest.mark.parametrize("variant", ["int4:g32", "int4-gptq:g32", "int8", "nf4"])
 def test_each_layers_tensors_are_freed_before_the_next_layer_is_read(
     hf_checkpoint, tmp_path, monkeypatch, variant
 ):
     """The streaming writer holds one layer at a time: once a layer is written, nothing keeps its
-    tensors (the weights it was read with, the worked-out weights that replaced them) alive while
-    the next layer is read. (The writer's loop variables once kept the last projection alive, and
-    with it the layer's largest matrices, through the next layer's calibration.)"""
+    tensors (the weights it was read with, the worked-out weights that replaced them, the
+    quantized modules it wrote) alive while the next layer is read, with Python's automatic cyclic
+    collector off. (The writer's loop variables once kept the last projection alive, with the
+    layer's largest matrices, through the next layer's calibration; torchao's and bitsandbytes'
+    modules sit in reference cycles that only a collection frees.)"""
+    import gc
     import weakref
 
     from hubquant.quantize import core
@@ -329,7 +332,11 @@ def test_each_layers_tensors_are_freed_before_the_next_layer_is_read(
     folder, _ = hf_checkpoint("llama_gqa")
     seen: list[tuple[str, weakref.ref]] = []
     alive: list[str] = []
-    release, materialize = core._LayerStreamer.release, core._LayerStreamer.materialize
+    release, materialize, quantize_one = (
+        core._LayerStreamer.release,
+        core._LayerStreamer.materialize,
+        core._quantize_one,
+    )
 
     def watch_release(self, layer):
         if layer is not None:
@@ -342,12 +349,24 @@ def test_each_layers_tensors_are_freed_before_the_next_layer_is_read(
         seen.clear()
         materialize(self, names)
 
+    def watch_quantize_one(method, target, runtime):
+        module, record = quantize_one(method, target, runtime)
+        if module is not None:
+            seen.append((f"{target.name} (quantized)", weakref.ref(module)))
+        return module, record
+
     monkeypatch.setattr(core._LayerStreamer, "release", watch_release)
     monkeypatch.setattr(core._LayerStreamer, "materialize", watch_materialize)
+    monkeypatch.setattr(core, "_quantize_one", watch_quantize_one)
     settings = CalibrationSettings(samples=4, length=16)
-    quantize_checkpoint(folder, tmp_path / "out", variant, progress=False, calibration=settings)
-    assert not seen or all(ref() is None for _, ref in seen)
+    gc.collect()
+    gc.disable()
+    try:
+        quantize_checkpoint(folder, tmp_path / "out", variant, progress=False, calibration=settings)
+    finally:
+        gc.enable()
     assert alive == []
+    assert len(seen) > 0 and all(ref() is None for _, ref in seen)
 
 
 def test_dequantized_a_block_of_rows_at_a_time_equals_the_whole_matrix_formula():

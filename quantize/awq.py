@@ -41,12 +41,13 @@ GRID = 20  # exponents tried: 0, 1/20, ..., 19/20
 
 def _search(
     linears: list[nn.Linear], group: InputGroup, size: int
-) -> tuple[torch.Tensor | None, float, list[float]]:
+) -> tuple[torch.Tensor | None, float, list[float], list[float]]:
     """The scales for the input columns of `linears` (fed one input) with the lowest output error
     on the calibration inputs, and their exponent; None where round-to-nearest (exponent 0) is
-    best. Also each layer's error with round-to-nearest (exponent 0), for the record."""
+    best. Also, for the record, each layer's error with round-to-nearest (exponent 0) and with
+    the scales chosen."""
     magnitude = group.abs_mean.float().clamp_min(1e-8)
-    best: tuple[float, torch.Tensor | None, float] = (float("inf"), None, 0.0)
+    best: tuple[float, torch.Tensor | None, float, list[float]] = (float("inf"), None, 0.0, [])
     rtn: list[float] = []
     for step in range(GRID):
         alpha = step / GRID
@@ -62,8 +63,8 @@ def _search(
         if not step:
             rtn = errors
         if sum(errors) < best[0]:
-            best = (sum(errors), scale, alpha)
-    return best[1], best[2], rtn
+            best = (sum(errors), scale, alpha, errors)
+    return best[1], best[2], rtn, best[3]
 
 
 def _scaled_rounding(
@@ -148,14 +149,17 @@ class Int4AWQ(SolvedInt4):
         to nearest in its scaled form (`SolvedInt4.calibrate`)."""
         columns: dict[str, torch.Tensor] = {}  # name -> its input columns' scale
         rows: dict[str, torch.Tensor] = {}  # name -> its output rows' divisor
-        rtn: dict[str, float] = {}  # name -> its output error rounded to nearest, as the search found it
+        # name -> its output error rounded to nearest, and with its input columns scaled as
+        # chosen: what the search measured, not measured again
+        rtn: dict[str, float] = {}
+        scaled: dict[str, float] = {}
         for group in groups:
             producer = self._producer(block, prefix, group.names)
             planned = self._planned(block, prefix, group.names)
             if producer is None or len(planned) != 1:
                 continue  # nothing to fold into (or mixed group sizes): round to nearest
             ((size, members),) = planned.items()
-            scale, alpha, errors_rtn = _search([linear for _, linear in members], group, size)
+            scale, alpha, errors_rtn, errors_scaled = _search([linear for _, linear in members], group, size)
             rtn.update(zip([name for name, _ in members], errors_rtn, strict=True))
             if scale is None:
                 continue
@@ -169,6 +173,7 @@ class Int4AWQ(SolvedInt4):
             self.exponents.append(alpha)
             for name in group.names:
                 columns[name] = scale
+            scaled.update(zip([name for name, _ in members], errors_scaled, strict=True))
         self.scales = {name: (columns.get(name), rows.get(name)) for name in set(columns) | set(rows)}
         errors: dict[str, tuple[float, float]] = {}
         planned_names = set()
@@ -187,9 +192,9 @@ class Int4AWQ(SolvedInt4):
                     del w
                     if name not in rtn:  # not searched: nothing to fold into
                         rtn[name] = output_error(linear.weight, group.hessian, rounded(size))
-                    if col is None and row is None:
-                        mine = rtn[name]  # rounded to nearest, unscaled
-                    else:
+                    if row is None:  # as the search measured it (unscaled: round-to-nearest)
+                        mine = scaled.get(name, rtn[name])
+                    else:  # its output rows carry the next group's scale too
                         mine = output_error(linear.weight, group.hessian, _scaled_rounding(size, col, row))
                     errors[name] = (mine, rtn[name])
             del group

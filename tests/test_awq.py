@@ -54,6 +54,7 @@ def test_folded_scales_leave_the_full_precision_layer_unchanged(case, hf_checkpo
             torch.rand(linears[0].in_features, generator=gen) * 3 + 0.2,
             0.5,
             [1.0] * len(linears),
+            [1.0] * len(linears),
         ),
     )
     folded = copy.deepcopy(block)

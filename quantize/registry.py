@@ -161,13 +161,14 @@ def _read_module(path: Path, module: str) -> list[MethodInfo]:
     if "register_method" not in source:
         return []
     found = []
-    for cls, where in _namespace(path).values():
+    namespaces: dict[Path, _Namespace] = {}  # each module of the folder parsed once
+    for cls, where in _namespace(path, namespaces).values():
         if where != path:
             continue  # imported from another module
         if not any(_names(decorator) == "register_method" for decorator in cls.decorator_list):
             continue
         attributes: dict[str, Any] = {}
-        for node in reversed(_lineage(cls, path)):  # bases first: a subclass overrides
+        for node in reversed(_lineage(cls, path, namespaces)):  # bases first: a subclass overrides
             attributes.update(_literal_attributes(node))
         known = {k: v for k, v in attributes.items() if k in _FIELDS}
         missing = [k for k in _REQUIRED if k not in known]
@@ -179,20 +180,23 @@ def _read_module(path: Path, module: str) -> list[MethodInfo]:
     return found
 
 
-def _parse(path: Path) -> ast.Module:
-    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+_Namespace = dict[str, tuple[ast.ClassDef, Path]]
 
 
-def _namespace(path: Path, visiting: frozenset[Path] = frozenset()) -> dict[str, tuple[ast.ClassDef, Path]]:
+def _namespace(path: Path, namespaces: dict[Path, _Namespace]) -> _Namespace:
     """The classes a module can name at its top level: its own, and those it imports from the
-    modules beside it (`from .solved import SolvedInt4`), each with the file that defines it."""
-    names: dict[str, tuple[ast.ClassDef, Path]] = {}
-    tree = _parse(path)
+    modules beside it (`from .solved import SolvedInt4`), each with the file that defines it.
+    Kept in `namespaces`, so that each module is parsed once (an import cycle sees the part
+    being read)."""
+    if path in namespaces:
+        return namespaces[path]
+    names = namespaces[path] = {}
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
             source = path.parent / f"{node.module.replace('.', '/')}.py"
-            if source.is_file() and source not in visiting:
-                theirs = _namespace(source, visiting | {path})
+            if source.is_file():
+                theirs = _namespace(source, namespaces)
                 for alias in node.names:
                     if alias.name in theirs:
                         names[alias.asname or alias.name] = theirs[alias.name]
@@ -210,14 +214,14 @@ def _names(node: ast.expr) -> str:
     return ""
 
 
-def _lineage(cls: ast.ClassDef, path: Path) -> list[ast.ClassDef]:
+def _lineage(cls: ast.ClassDef, path: Path, namespaces: dict[Path, _Namespace]) -> list[ast.ClassDef]:
     """`cls` (defined in `path`) and its bases defined in this folder, nearest first."""
     chain = [cls]
-    namespace = _namespace(path)
+    namespace = _namespace(path, namespaces)
     for base in cls.bases:
         parent = namespace.get(_names(base))
         if parent is not None and parent[0] is not cls:
-            chain += _lineage(*parent)
+            chain += _lineage(*parent, namespaces)
     return chain
 
 

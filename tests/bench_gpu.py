@@ -211,7 +211,7 @@ def first_compiled_call(model: torch.nn.Module) -> float:
     """Seconds of the first compiled generate (the compile and CUDA graph capture), the same shape
     measure_speed times next, so that its warm-up finds the graph ready."""
     _, prompt = prompts(model.config.vocab_size)
-    torch._dynamo.reset()  # a fresh model per variant: else dynamo's recompile limit may stop compiling
+    torch._dynamo.reset()  # a fresh model per variant: drop the previous variant's graphs
     with torch.inference_mode():
         seconds = timed(
             lambda: model.generate(prompt, max_new_tokens=DECODE_TOKENS, eos_ids=[], compile=True)

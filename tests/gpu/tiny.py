@@ -231,7 +231,7 @@ def compiled_vs_eager(folder: Path, device: str, ids: torch.Tensor) -> str:
     """Greedy tokens of the compiled decode against eager, and the first compiled call's time."""
     import hubquant
 
-    torch._dynamo.reset()  # one process, many models: else dynamo's recompile limit (8) turns compile off
+    torch._dynamo.reset()  # one process, many models: drop the previous models' graphs
     model, _ = hubquant.load(folder, dtype="bf16", device=device, progress=False)
     prompt = ids[:1, :8].to(device)
     with torch.inference_mode():

@@ -7,8 +7,10 @@ where that input is made, in the norm before it or in the projection before it, 
 full-precision model unchanged. Per group of projections fed the same input, s = mean|x|^a
 (normalised to a geometric mean of 1 between its largest and smallest value) with a searched on a
 grid of 20 values in [0, 1) for the lowest output error on the calibration inputs,
-||X (W - Q(W diag(s)) diag(1/s))^T||^2, computed from the input's Hessian X^T X; a = 0 is
-round-to-nearest itself, so no layer does worse than `int4` on that text. Where the scales go:
+||X (W - Q(W diag(s)) diag(1/s))^T||^2, computed from the inputs X themselves where there are no
+more calibration tokens than input channels (the default 2048 tokens against an 8B's 4096 and
+14336: each of the 20 products costs out x in x tokens, and X takes less memory than X^T X), else
+from the input's Hessian X^T X (out x in x in); a = 0 is round-to-nearest itself, so no layer does worse than `int4` on that text. Where the scales go:
 
 - q/k/v (and, in a parallel block, the MLP's first projections): into the attention norm;
 - gate/up: into the MLP norm;
@@ -34,7 +36,7 @@ from torch import nn
 from hubquant.models.layers import RMSNorm
 
 from .base import register_method
-from .solved import InputGroup, SolvedInt4, output_error, rounded, rtn_codes
+from .solved import InputGroup, SolvedInt4, rounded, rtn_codes
 
 GRID = 20  # exponents tried: 0, 1/20, ..., 19/20
 
@@ -57,9 +59,7 @@ def _search(
             scale = scale / (scale.max() * scale.min()).sqrt()
             if not torch.isfinite(scale).all():
                 continue
-        errors = [
-            output_error(linear.weight, group.hessian, _scaled_rounding(size, scale)) for linear in linears
-        ]
+        errors = [group.error(linear.weight, _scaled_rounding(size, scale)) for linear in linears]
         if not step:
             rtn = errors
         if sum(errors) < best[0]:
@@ -123,6 +123,7 @@ class Int4AWQ(SolvedInt4):
     library: ClassVar[str] = "torchao"
     repacks: ClassVar[bool] = True
     default_eval: ClassVar[bool] = False
+    keeps_inputs: ClassVar[bool] = True
 
     def __init__(self, group_size: int | None = None, **settings: Any) -> None:
         super().__init__(group_size=group_size, **settings)
@@ -191,11 +192,11 @@ class Int4AWQ(SolvedInt4):
                     self.solutions[name] = rtn_codes(w, size)
                     del w
                     if name not in rtn:  # not searched: nothing to fold into
-                        rtn[name] = output_error(linear.weight, group.hessian, rounded(size))
+                        rtn[name] = group.error(linear.weight, rounded(size))
                     if row is None:  # as the search measured it (unscaled: round-to-nearest)
                         mine = scaled.get(name, rtn[name])
                     else:  # its output rows carry the next group's scale too
-                        mine = output_error(linear.weight, group.hessian, _scaled_rounding(size, col, row))
+                        mine = group.error(linear.weight, _scaled_rounding(size, col, row))
                     errors[name] = (mine, rtn[name])
             del group
         for name in set(columns) | set(rows):  # a skipped projection keeps full precision, scaled

@@ -90,9 +90,12 @@ class Method(ABC):
     repacks: ClassVar[bool] = False  # hubquant.load packs the saved layout into another for the device
     default_eval: ClassVar[bool] = True  # `hubquant eval` makes it without --variants
     # Calibrated: needs calibration text, `calibrate` each layer before `quantize_named`;
-    # sequential: one input at a time, the projections run before it already quantized.
+    # sequential: one input at a time, the projections run before it already quantized;
+    # keeps_inputs: its statistics are the inputs X where they are smaller than X^T X (it only
+    # measures output errors, and never solves with the Hessian).
     calibrated: ClassVar[bool] = False
     sequential: ClassVar[bool] = False
+    keeps_inputs: ClassVar[bool] = False
 
     @property
     @abstractmethod

@@ -30,7 +30,7 @@ from hubquant.files import read_json
 from hubquant.models.tokenizer import Tokenizer
 from hubquant.texts import TokenSplit, load_text
 
-from .solved import InputGroup
+from .solved import InputGroup, gram
 
 if TYPE_CHECKING:
     from .base import Method
@@ -112,14 +112,23 @@ class InputStats:
 
     Args:
         linears: (name, layer) to watch.
+        first_only: stop the forward once the first distinct input's projections have all run
+            (`Reached`).
+        keep_inputs: keep the inputs X themselves instead of X^T X while there are no more tokens
+            than input channels (then X is the smaller and ||X D^T||^2 the cheaper to work out);
+            an input that outgrows that is turned into X^T X and goes on as one.
     """
 
     KEEP = 8  # inputs remembered within a forward, to recognise one fed to several projections
 
-    def __init__(self, linears: list[tuple[str, nn.Linear]], first_only: bool = False) -> None:
-        self.first_only = first_only  # stop the forward at the second distinct input (`Reached`)
-        self.shared: dict[str, int] = {}  # name -> index into h / abs_sum
-        self.h: list[torch.Tensor] = []
+    def __init__(
+        self, linears: list[tuple[str, nn.Linear]], first_only: bool = False, keep_inputs: bool = False
+    ) -> None:
+        self.first_only = first_only
+        self.keep_inputs = keep_inputs
+        self.shared: dict[str, int] = {}  # name -> index into h / inputs / abs_sum
+        self.h: list[torch.Tensor | None] = []
+        self.inputs: list[list[torch.Tensor] | None] = []
         self.abs_sum: list[torch.Tensor] = []
         self.count: list[int] = []
         self._recent: list[tuple[torch.Tensor, int]] = []  # the inputs seen last, by identity
@@ -134,19 +143,34 @@ class InputStats:
                     return
             index = self.shared.get(name)
             if index is None:
-                if self.first_only and self.h:
+                if self.first_only and self.count:
                     raise Reached  # the first input's projections have all run
-                index = self.shared[name] = len(self.h)
-                self.h.append(torch.zeros(x.shape[-1], x.shape[-1], device=x.device))
+                index = self.shared[name] = len(self.count)
+                self.h.append(
+                    None if self.keep_inputs else torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+                )
+                self.inputs.append([] if self.keep_inputs else None)
                 self.abs_sum.append(torch.zeros(x.shape[-1], device=x.device))
                 self.count.append(0)
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            self.h[index].addmm_(flat.T, flat)
-            self.abs_sum[index] += flat.abs().sum(0)
-            self.count[index] += flat.shape[0]
+            self._add(index, x.detach().reshape(-1, x.shape[-1]))
             self._recent = [(x, index), *self._recent[: self.KEEP - 1]]
 
         return hook
+
+    def _add(self, index: int, x: torch.Tensor) -> None:
+        self.abs_sum[index] += x.float().abs().sum(0)
+        self.count[index] += x.shape[0]
+        kept = self.inputs[index]
+        if kept is not None and self.count[index] <= x.shape[1]:
+            kept.append(x.to(torch.float32, copy=True))  # a copy: the forward's tensor may change
+            return
+        if kept is not None:  # more tokens than channels: X^T X is the smaller from here on
+            self.h[index] = gram(kept) if kept else torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.inputs[index] = None
+        flat = x.float()
+        h = self.h[index]
+        assert h is not None
+        h.addmm_(flat.T, flat)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -155,16 +179,16 @@ class InputStats:
 
     def groups(self) -> list[InputGroup]:
         """One per distinct input: the projections fed it, in the order they ran, and its statistics."""
-        names: list[list[str]] = [[] for _ in self.h]
+        names: list[list[str]] = [[] for _ in self.count]
         for name, index in self.shared.items():
             names[index].append(name)
         return [
-            InputGroup(n, h, a / max(c, 1))
-            for n, h, a, c in zip(names, self.h, self.abs_sum, self.count, strict=True)
+            InputGroup(n, h, a / max(c, 1), inputs)
+            for n, h, a, c, inputs in zip(names, self.h, self.abs_sum, self.count, self.inputs, strict=True)
         ]
 
     def clear(self) -> None:
-        self.h, self.abs_sum, self.count = [], [], []
+        self.h, self.inputs, self.abs_sum, self.count = [], [], [], []
 
 
 class LayerCalibration:
@@ -216,7 +240,9 @@ class LayerCalibration:
         remaining = dict(targets)
         self.method = method
         while remaining:
-            stats = InputStats(list(remaining.items()), first_only=method.sequential)
+            stats = InputStats(
+                list(remaining.items()), first_only=method.sequential, keep_inputs=method.keeps_inputs
+            )
             self._run(block, device)
             stats.remove()
             return_freed_memory()  # the forward's temporaries, before the solver's matrices

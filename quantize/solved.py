@@ -5,7 +5,7 @@ Both round onto the `int4` method's own grid (per group of input columns, the ex
 scale and zero point of `_exact_asymmetric_qparams`), so the folder they write is an `int4` folder
 with other values: transformers and `hubquant.load` load it unchanged. A method here works a
 decoder layer out at once (`calibrate`), from the layer's inputs on calibration text (one
-`InputGroup` per distinct input: its Hessian X^T X and mean |x|), and keeps each projection's
+`InputGroup` per distinct input: its Hessian X^T X, or the inputs X themselves, and mean |x|), and keeps each projection's
 `Solution` until the writer asks for it (`quantize_named`).
 """
 
@@ -69,18 +69,41 @@ class InputGroup:
 
     Attributes:
         names: canonical names ("layers.3.attn.q"), in the order they ran.
-        hessian: `[in, in]` X^T X summed over every calibration token (fp32).
+        hessian: `[in, in]` X^T X summed over every calibration token (fp32); None while `inputs`
+            stands for it.
         abs_mean: `[in]` mean |x| per input channel.
+        inputs: the calibration inputs X themselves (fp32 `[tokens, in]` chunks, in the order
+            they ran), kept instead of the Hessian where a method asked for them and there are no
+            more tokens than input channels (`InputStats(keep_inputs=True)`): X is then the
+            smaller of the two, and ||X D^T||^2 the cheaper product (out x in x tokens against
+            out x in x in).
     """
 
     names: list[str]
-    hessian: torch.Tensor
+    hessian: torch.Tensor | None
     abs_mean: torch.Tensor
+    inputs: list[torch.Tensor] | None = None
 
     def take_hessian(self) -> torch.Tensor:
         """Hand the Hessian over (to be worked on in place): the group keeps no reference."""
-        hessian, self.hessian = self.hessian, None  # type: ignore[assignment]
+        hessian = self.hessian if self.hessian is not None else gram(self.inputs or [])
+        self.hessian = self.inputs = None
         return hessian
+
+    def error(self, weight: torch.Tensor, dequantize: Callable[[slice, torch.Tensor], torch.Tensor]) -> float:
+        """`output_error` of `weight` rounded by `dequantize`, on these inputs."""
+        if self.inputs is not None:
+            return output_error(weight, None, dequantize, inputs=self.inputs)
+        assert self.hessian is not None, "the group's statistics were handed over"
+        return output_error(weight, self.hessian, dequantize)
+
+
+def gram(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """X^T X (fp32) of input chunks `[tokens, in]`."""
+    h = torch.zeros(inputs[0].shape[1], inputs[0].shape[1], device=inputs[0].device)
+    for chunk in inputs:
+        h.addmm_(chunk.T, chunk)
+    return h
 
 
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -106,22 +129,32 @@ def rtn_codes(weight: torch.Tensor, group: int) -> Solution:
 
 
 def output_error(
-    weight: torch.Tensor, h: torch.Tensor, dequantize: Callable[[slice, torch.Tensor], torch.Tensor]
+    weight: torch.Tensor,
+    h: torch.Tensor | None,
+    dequantize: Callable[[slice, torch.Tensor], torch.Tensor],
+    *,
+    inputs: list[torch.Tensor] | None = None,
 ) -> float:
-    """||X (W - Q)^T||^2 over the calibration inputs, from H = X^T X: trace((W - Q) H (W - Q)^T),
-    a block of output rows at a time.
+    """||X (W - Q)^T||^2 over the calibration inputs, a block of output rows at a time: from
+    H = X^T X as trace((W - Q) H (W - Q)^T), or from the inputs X themselves (`[tokens, in]`
+    chunks) as the sum of squares of (W - Q) X^T; the same value either way, up to fp32 rounding.
 
     Args:
         weight: `[out, in]` the full-precision weights W.
-        h: `[in, in]` X^T X.
+        h: `[in, in]` X^T X (None when `inputs` are given).
         dequantize: Q's rows, given which rows and W's rows in fp32.
+        inputs: X, instead of `h`.
     """
     total = 0.0
     for start in range(0, weight.shape[0], ROWS):
         rows = slice(start, min(start + ROWS, weight.shape[0]))
         w = weight[rows].float()
         d = w - dequantize(rows, w)
-        total += float(((d @ h) * d).sum(dtype=torch.float64))
+        if inputs is not None:
+            total += sum(float((d @ chunk.T).square_().sum(dtype=torch.float64)) for chunk in inputs)
+        else:
+            assert h is not None
+            total += float(((d @ h) * d).sum(dtype=torch.float64))
     return total
 
 

@@ -142,31 +142,40 @@ def test_building_a_case_leaves_the_shared_cases_unchanged():
     assert CASES == before
 
 
-def test_the_error_record_is_each_projections_own_error_and_round_to_nearests(hf_checkpoint):
-    """What `calibrate` records per projection, measured again from scratch on the same inputs:
-    round-to-nearest's error (which the search's exponent 0 also gives) and AWQ's own."""
-    from hubquant.quantize.solved import output_error, rounded
+@pytest.mark.parametrize("keep_inputs", [False, True], ids=["hessian", "inputs"])
+def test_the_error_record_is_each_projections_own_error_and_round_to_nearests(hf_checkpoint, keep_inputs):
+    """What `calibrate` records per projection, measured again from scratch on the same inputs
+    (through X^T X, in float64): round-to-nearest's error (which the search's exponent 0 also
+    gives) and AWQ's own; whether the search measured through X^T X or through the inputs X."""
+    from hubquant.quantize.solved import gram, output_error, rounded
 
     folder, _ = hf_checkpoint("llama_gqa")
     model, _ = hubquant.load(folder, dtype="fp32", progress=False)
     block = model.layers[0]
     for module in block.modules():  # the fused q/k/v and gate/up products of a loaded model
         module.__dict__.pop("_fused", None)
-    x, rope, mask = _layer_inputs(model)
+    x, rope, mask = _layer_inputs(model)  # 24 tokens: fewer than any projection's input channels
     targets = [(f"layers.0.{n}", m) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-    stats = InputStats(targets)
+    stats = InputStats(targets, keep_inputs=keep_inputs)
     with torch.no_grad():
         block(x, rope, mask, None)
     stats.remove()
     groups = stats.groups()
-    hessians = {name: group.hessian.clone() for group in groups for name in group.names}
+    assert all((group.inputs is not None) == keep_inputs for group in groups)
+    assert all((group.hessian is None) == keep_inputs for group in groups)
+    hessians = {
+        name: group.hessian.clone() if group.hessian is not None else gram(group.inputs)
+        for group in groups
+        for name in group.names
+    }
     weights = {name: linear.weight.detach().clone() for name, linear in targets}
     method = Int4AWQ(group_size=32)
     with torch.no_grad():
         errors = method.calibrate(block, "layers.0.", groups)
     assert set(errors) == set(weights)
     for name, (mine, rtn) in errors.items():
-        assert rtn == output_error(weights[name], hessians[name], rounded(32)), name
+        again = output_error(weights[name], hessians[name], rounded(32))
+        assert rtn == again if not keep_inputs else rtn == pytest.approx(again, rel=1e-5), name
         solution = method.solutions[name]
         col, row = method.scales.get(name, (None, None))
         q = solution.dequantized(32)
@@ -175,3 +184,34 @@ def test_the_error_record_is_each_projections_own_error_and_round_to_nearests(hf
         d = (weights[name] - q).double()
         assert mine == pytest.approx(float(((d @ hessians[name].double()) * d).sum()), rel=1e-4), name
     assert any(mine < rtn for mine, rtn in errors.values())
+
+
+def test_kept_inputs_give_the_hessians_own_errors_until_they_outgrow_it():
+    """`InputStats(keep_inputs=True)` keeps X while there are no more tokens than channels: its
+    X^T X is the very Hessian the other statistics build, and output errors through X equal those
+    through X^T X; past that many tokens it turns into that same Hessian, bit for bit."""
+    from hubquant.quantize.solved import gram, output_error, rounded
+
+    gen = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(64, 96, bias=False)
+    chunks = [torch.randn(2, 16, 64, generator=gen) * torch.logspace(-1, 1, 64) for _ in range(3)]
+    kept = InputStats([("layers.0.mlp.up", linear)], keep_inputs=True)
+    plain = InputStats([("layers.0.mlp.up", linear)])
+    with torch.no_grad():
+        for chunk in chunks[:2]:  # 64 tokens: as many as channels
+            linear(chunk)
+        (group,) = kept.groups()
+        (reference,) = plain.groups()
+        assert group.hessian is None and sum(c.shape[0] for c in group.inputs) == 64
+        assert torch.equal(gram(group.inputs), reference.hessian)
+        assert torch.equal(group.abs_mean, reference.abs_mean)
+        through_x = group.error(linear.weight, rounded(32))
+        through_h = output_error(linear.weight, reference.hessian, rounded(32))
+        assert through_x == pytest.approx(through_h, rel=1e-5)
+        assert through_x != output_error(linear.weight.roll(1, 1), reference.hessian, rounded(32))
+        linear(chunks[2])  # 96 tokens: more than channels
+        (group,) = kept.groups()
+        (reference,) = plain.groups()
+    assert group.inputs is None and torch.equal(group.hessian, reference.hessian)
+    kept.remove()
+    plain.remove()

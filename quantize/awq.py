@@ -21,8 +21,14 @@ from the input's Hessian X^T X (out x in x in); a = 0 is round-to-nearest itself
 RMSNorm weights are divided by s (Gemma's (1 + w) form: 1 + w becomes (1 + w) / s), LayerNorm
 weights and biases too. The projections are then rounded to nearest on the `int4` method's own
 exact grid, so the folder is the `int4` format with other values plus changed norm (and up/v bias)
-tensors, which transformers and `hubquant.load` load unchanged. Not done: AWQ's weight-clipping
-search (the `int4` grid spans each group's full range).
+tensors, which transformers and `hubquant.load` load unchanged.
+
+Then AWQ's clipping search: per output row and group of every projection (q and k excepted), as
+scaled, the grid spans only 1, 0.95, ..., 0.55 of the group's largest magnitude, whichever gives
+the lowest error of that group's own share of the output on the calibration inputs (X^T X's
+diagonal block); the weights beyond take the grid's end codes. A projection keeps the clipping
+only where it lowers its whole output error (the groups' own errors leave out the terms between
+groups), so the search never does worse than the scaling alone.
 """
 
 from __future__ import annotations
@@ -36,9 +42,15 @@ from torch import nn
 from hubquant.models.layers import RMSNorm
 
 from .base import register_method
-from .solved import InputGroup, SolvedInt4, rounded, rtn_codes
+from .solved import ROWS, InputGroup, SolvedInt4, rounded, rtn_codes
 
 GRID = 20  # exponents tried: 0, 1/20, ..., 19/20
+# Clipping: each group's grid spans 1, 0.95, ..., 0.55 of its largest magnitude (AWQ's grid of 20
+# and largest shrink of half); not for q and k, whose outputs meet in softmax(q k^T), where their
+# own output error says little (AWQ leaves them out for that reason).
+CLIP_GRID = 20
+CLIP_STEPS = 10
+UNCLIPPED = ("attn.q", "attn.k")
 
 
 def _search(
@@ -68,20 +80,52 @@ def _search(
 
 
 def _scaled_rounding(
-    size: int, columns: torch.Tensor | None, rows: torch.Tensor | None = None
+    size: int,
+    columns: torch.Tensor | None,
+    rows: torch.Tensor | None = None,
+    clip: torch.Tensor | None = None,
 ) -> Callable[[slice, torch.Tensor], torch.Tensor]:
     """`output_error`'s Q for weights whose input columns are multiplied by `columns` and output
-    rows divided by `rows` before rounding to nearest, and the scales undone after."""
+    rows divided by `rows` before rounding to nearest (each group's grid clipped by `clip`), and
+    the scales undone after."""
 
     def dequantize(which: slice, w: torch.Tensor) -> torch.Tensor:
         divisor = rows[which, None] if rows is not None else None
         scaled = w * columns if columns is not None else w
         scaled = scaled / divisor if divisor is not None else scaled
-        q = rtn_codes(scaled, size).dequantized(size)
+        q = rtn_codes(scaled, size, clip[which] if clip is not None else None).dequantized(size)
         q = q / columns if columns is not None else q
         return q * divisor if divisor is not None else q
 
     return dequantize
+
+
+def _search_clip(weight: torch.Tensor, blocks: torch.Tensor, size: int) -> torch.Tensor:
+    """AWQ's clipping search: per output row and group of `weight` `[out, in]` (as it will be
+    rounded), the share of the group's largest magnitude its grid spans, 1 - i/20 for i < 10,
+    with the lowest error of that group's own share of the output on the calibration inputs,
+    d H_gg d^T (d: the group's rounding error, H_gg: `blocks[g]`, X^T X's diagonal block of the
+    group's input channels, in `weight`'s scaled space); 1 is plain rounding.
+
+    Returns:
+        `[out, groups]` fp32 shares.
+    """
+    rows, cols = weight.shape
+    groups = cols // size
+    best = torch.ones(rows, groups, device=weight.device)
+    for start in range(0, rows, ROWS):
+        w = weight[start : start + ROWS].float()
+        n = w.shape[0]
+        lowest = torch.full((n, groups), float("inf"), device=w.device)
+        for step in range(CLIP_STEPS):
+            share = 1.0 - step / CLIP_GRID
+            clip = torch.full((n, groups), share, device=w.device)
+            d = (w - rtn_codes(w, size, clip).dequantized(size)).view(n, groups, size).transpose(0, 1)
+            error = (torch.bmm(d, blocks) * d).sum(-1).transpose(0, 1)  # [n, groups]
+            better = error < lowest
+            lowest = torch.where(better, error, lowest)
+            best[start : start + n][better] = share
+    return best
 
 
 def _fold_into_norm(norm: nn.Module, scale: torch.Tensor) -> bool:
@@ -118,7 +162,9 @@ class Int4AWQ(SolvedInt4):
         "activation-aware scaling: each projection's input channels are multiplied by a scale "
         "that grows with their mean activation on calibration text (its exponent searched for the "
         "lowest output error), and the norm or projection that makes that input is divided by it, "
-        "so the norm weights (and up/v biases) in this folder differ from the base model's."
+        "so the norm weights (and up/v biases) in this folder differ from the base model's. Groups "
+        "whose grid spans less than their full range where that lowers the output error (AWQ's "
+        "clipping) round their largest weights to the grid's ends."
     )
     library: ClassVar[str] = "torchao"
     repacks: ClassVar[bool] = True
@@ -128,18 +174,26 @@ class Int4AWQ(SolvedInt4):
     def __init__(self, group_size: int | None = None, **settings: Any) -> None:
         super().__init__(group_size=group_size, **settings)
         self.exponents: list[float] = []  # the exponent chosen per scaled group, for the record
+        self.clipping = [0, 0, 0.0]  # for the record: groups rounded, groups clipped, sum of their shares
         # the last layer's folds: name -> (its input columns' scale, its output rows' divisor)
         self.scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def summary(self) -> dict[str, Any]:
-        """How many input groups were scaled, and the exponents chosen."""
+        """How many input groups were scaled, and the exponents chosen; what share of the weight
+        groups were clipped, and how far on average."""
+        rounded_groups, clipped, shares = self.clipping
+        clipping = {
+            "clipped_weight_groups": round(clipped / rounded_groups, 4) if rounded_groups else 0.0,
+            **({"clip_share_mean": round(shares / clipped, 4)} if clipped else {}),
+        }
         if not self.exponents:
-            return {"scaled_groups": 0}
+            return {"scaled_groups": 0, **clipping}
         ordered = sorted(self.exponents)
         return {
             "scaled_groups": len(ordered),
             "exponent_median": ordered[len(ordered) // 2],
             "exponent_range": [ordered[0], ordered[-1]],
+            **clipping,
         }
 
     def calibrate(
@@ -181,6 +235,7 @@ class Int4AWQ(SolvedInt4):
         while groups:
             group = groups.pop(0)
             for size, members in self._planned(block, prefix, group.names).items():
+                blocks = group.blocks(size)
                 for name, linear in members:
                     planned_names.add(name)
                     col, row = columns.get(name), rows.get(name)
@@ -189,15 +244,34 @@ class Int4AWQ(SolvedInt4):
                         w.mul_(col)
                     if row is not None:
                         w.div_(row[:, None])
-                    self.solutions[name] = rtn_codes(w, size)
-                    del w
                     if name not in rtn:  # not searched: nothing to fold into
                         rtn[name] = group.error(linear.weight, rounded(size))
                     if row is None:  # as the search measured it (unscaled: round-to-nearest)
                         mine = scaled.get(name, rtn[name])
                     else:  # its output rows carry the next group's scale too
                         mine = group.error(linear.weight, _scaled_rounding(size, col, row))
+                    clip = None
+                    if name[len(prefix) :] not in UNCLIPPED:
+                        channels = col.view(-1, size) if col is not None else None
+                        own = (
+                            blocks / (channels[:, :, None] * channels[:, None, :])
+                            if channels is not None
+                            else blocks
+                        )
+                        clip = _search_clip(w, own, size)
+                        clipped = group.error(linear.weight, _scaled_rounding(size, col, row, clip))
+                        if clipped < mine:  # the groups' own errors leave out the terms between them
+                            mine = clipped
+                        else:
+                            clip = None
+                    self.solutions[name] = rtn_codes(w, size, clip)
+                    self.clipping[0] += w.numel() // size
+                    if clip is not None:
+                        self.clipping[1] += int((clip < 1).sum())
+                        self.clipping[2] += float(clip[clip < 1].sum())
+                    del w, clip
                     errors[name] = (mine, rtn[name])
+                del blocks
             del group
         for name in set(columns) | set(rows):  # a skipped projection keeps full precision, scaled
             if name not in planned_names:

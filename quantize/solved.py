@@ -90,6 +90,19 @@ class InputGroup:
         self.hessian = self.inputs = None
         return hessian
 
+    def blocks(self, size: int) -> torch.Tensor:
+        """`[groups, size, size]` the diagonal blocks of X^T X, one per group of `size` input
+        channels: each group's own share of the output error, without the terms between groups."""
+        if self.inputs is not None:
+            out = torch.zeros(self.abs_mean.shape[0] // size, size, size, device=self.abs_mean.device)
+            for chunk in self.inputs:
+                grouped = chunk.view(chunk.shape[0], -1, size).transpose(0, 1)  # [groups, tokens, size]
+                out.baddbmm_(grouped.transpose(1, 2), grouped)
+            return out
+        assert self.hessian is not None, "the group's statistics were handed over"
+        n = self.hessian.shape[0] // size
+        return self.hessian.view(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
     def error(self, weight: torch.Tensor, dequantize: Callable[[slice, torch.Tensor], torch.Tensor]) -> float:
         """`output_error` of `weight` rounded by `dequantize`, on these inputs."""
         if self.inputs is not None:
@@ -111,16 +124,27 @@ def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
     return torch.clamp(torch.round(w / scale) + zero, QMIN, QMAX)
 
 
-def rtn_codes(weight: torch.Tensor, group: int) -> Solution:
+def rtn_codes(weight: torch.Tensor, group: int, clip: torch.Tensor | None = None) -> Solution:
     """Round-to-nearest on the `int4` grid (what `int4` does), a block of rows at a time (the grid
-    is per row and group, so blocks change nothing but the size of the temporaries)."""
+    is per row and group, so blocks change nothing but the size of the temporaries).
+
+    Args:
+        weight: `[out, in]`.
+        group: the group size.
+        clip: `[out, groups]` or None: each group's grid spans only the weights within this share
+            of its largest magnitude (AWQ's clipping); the weights beyond take the grid's end codes.
+    """
     rows, cols = weight.shape
     codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     scales, zeros = [], []
     for start in range(0, rows, ROWS):
         w = weight[start : start + ROWS].float()
-        scale, zero = _exact_asymmetric_qparams(w, group)
         grouped = w.reshape(-1, cols // group, group)
+        if clip is None:
+            scale, zero = _exact_asymmetric_qparams(w, group)
+        else:
+            bound = grouped.abs().amax(dim=-1, keepdim=True) * clip[start : start + ROWS, :, None].float()
+            scale, zero = _exact_asymmetric_qparams(torch.clamp(grouped, -bound, bound).view(-1, cols), group)
         q = quantize_column(grouped, scale[:, :, None], zero.float()[:, :, None])
         codes[start : start + ROWS] = q.view(-1, cols)
         scales.append(scale)

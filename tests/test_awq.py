@@ -118,6 +118,7 @@ def test_awq_scales_some_groups_and_never_does_worse_than_rounding_where_it_scal
     calibration = report["settings"]["calibration"]
     assert report["method"] == "int4-awq" and calibration["samples"] == 16
     assert calibration["scaled_groups"] > 0
+    assert 0 < calibration["clipped_weight_groups"] < 1 and 0.5 < calibration["clip_share_mean"] < 1
     assert calibration["output_error_vs_rtn_median"] <= 1.0
     card = (out / "README.md").read_text()
     assert "AWQ" in card and "### Calibration" in card
@@ -215,3 +216,55 @@ def test_kept_inputs_give_the_hessians_own_errors_until_they_outgrow_it():
     assert group.inputs is None and torch.equal(group.hessian, reference.hessian)
     kept.remove()
     plain.remove()
+
+
+def test_a_clip_of_one_everywhere_is_plain_rounding():
+    from hubquant.quantize.solved import rtn_codes
+
+    w = torch.randn(300, 256, generator=torch.Generator().manual_seed(5))
+    plain, clipped = rtn_codes(w, 64), rtn_codes(w, 64, torch.ones(300, 4))
+    assert torch.equal(plain.codes, clipped.codes) and torch.equal(plain.scale, clipped.scale)
+    assert torch.equal(plain.zero_point, clipped.zero_point)
+    shrunk = rtn_codes(w, 64, torch.full((300, 4), 0.6))
+    assert (shrunk.scale < plain.scale).all()  # every group's grid spans less
+    assert shrunk.codes.min() == -8 and shrunk.codes.max() == 7  # the clipped weights take the ends
+
+
+def test_the_clipping_search_picks_each_groups_lowest_own_error():
+    """Per row and group, the share `_search_clip` picks has the lowest error of that group's own
+    share of the output, d H_gg d^T, among the 10 candidates: checked by brute force in float64."""
+    from hubquant.quantize.solved import rtn_codes
+
+    gen = torch.Generator().manual_seed(6)
+    size, rows, cols = 32, 300, 128  # 300 rows: two blocks of the search, the second partial
+    w = torch.randn(rows, cols, generator=gen)
+    w[:, 5] *= 8  # outliers, which clipping is for
+    x = torch.randn(512, cols, generator=gen) * torch.logspace(-1, 1, cols)
+    h = x.T @ x
+    n = cols // size
+    blocks = torch.stack([h[g * size : (g + 1) * size, g * size : (g + 1) * size] for g in range(n)])
+    chosen = awq._search_clip(w, blocks, size)
+    shares = [1 - i / awq.CLIP_GRID for i in range(awq.CLIP_STEPS)]
+    errors = []
+    for share in shares:
+        d = (w - rtn_codes(w, size, torch.full((rows, n), share)).dequantized(size)).double()
+        d = d.view(rows, n, size)
+        errors.append(torch.einsum("rgi,gij,rgj->rg", d, blocks.double(), d))
+    errors = torch.stack(errors)  # [candidates, rows, groups]
+    index = (chosen[..., None] - torch.tensor(shares)).abs().argmin(-1)  # [rows, groups]
+    picked = errors.gather(0, index[None])
+    assert torch.allclose(picked[0], errors.min(0).values, rtol=1e-4)
+    assert (chosen < 1).any() and (chosen == 1).any()
+
+
+def test_the_diagonal_blocks_from_the_inputs_are_the_hessians():
+    linear = torch.nn.Linear(64, 8, bias=False)
+    kept = InputStats([("layers.0.mlp.up", linear)], keep_inputs=True)
+    plain = InputStats([("layers.0.mlp.up", linear)])
+    with torch.no_grad():
+        linear(torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(7)))
+    (group,), (reference,) = kept.groups(), plain.groups()
+    assert group.inputs is not None and reference.hessian is not None
+    h = reference.hessian
+    assert torch.allclose(group.blocks(16), reference.blocks(16), rtol=1e-5, atol=1e-4)
+    assert torch.equal(reference.blocks(16)[2], h[32:48, 32:48])

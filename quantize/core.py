@@ -445,8 +445,6 @@ def _write_quantized(
 ) -> QuantReport:
     from tqdm.auto import tqdm
 
-    from hubquant.models.safetensors_file import SafetensorsWriter
-
     model, family = streamer.model, streamer.family
     report = new_report(method)
     layers = len(model.layers)
@@ -479,59 +477,78 @@ def _write_quantized(
     with torch.no_grad():
         bar = tqdm(groups, desc=f"quantize {method.name}", disable=not progress)
         for group, shard in zip(bar, names, strict=True):
-            canon = streamer.group(group)
-            streamer.materialize(canon)
-            if group is not None:
-                streamer.place(group)
-            tensors: dict[str, torch.Tensor] = {}
-            done: set[str] = set()
-            targets = list(_projections(model, group)) if group is not None else []
-            if calib is not None:
-                if group is None:
-                    calib.begin(model)  # the embeddings are loaded now
-                else:
-                    calib.layer(model.layers[group], method, [(t.name, t.linear) for t in targets])
-            if group is None and include_head:
-                if model.config.tie_embeddings:
-                    model.lm_head.weight = nn.Parameter(
-                        model.embed.weight.detach().clone(), requires_grad=False
-                    )
-                if streamer.device is not None:
-                    model.lm_head.to(streamer.device)
-                targets.append(_Target(HEAD, model.lm_head))
-            for target in targets:
-                module, record = _quantize_one(method, target, runtime=False)
-                report.layers.append(record)
-                if module is None:
-                    continue
-                tensors.update(
-                    method.hf_tensors(module, family.to_hub(f"{target.name}.weight")[: -len(".weight")])
-                )
-                done.update(n for n in canon if n.startswith(f"{target.name}."))
-            for name in canon:
-                if name not in done:
-                    tensors[family.to_hub(name)] = getattr_tensor(model, name)
-            entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
-            writer = SafetensorsWriter(tmp / shard, entries, metadata=metadata)
-            try:
-                for tensor in tensors.values():
-                    writer.write(tensor.contiguous().cpu())
-            except BaseException:
-                writer.close(check=False)
-                raise
-            writer.close()  # checks the finished shard with the safetensors library
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            weight_map.update(dict.fromkeys(tensors, shard))
-            # Drop every reference to this layer's tensors before the next layer is read (the
-            # loop variables would keep its last projection alive until then).
-            del tensors, targets
-            target = module = None
+            # Every reference to the layer's tensors lives in `_write_group`'s frame, so they are
+            # all gone when the layer is released and the next one read.
+            written, size = _write_group(
+                streamer, method, group, tmp / shard, metadata, report, include_head, calib
+            )
+            total += size
+            weight_map.update(dict.fromkeys(written, shard))
             streamer.release(group)
             return_freed_memory()  # what the layer's temporaries left in the heap, before the next
     streamer.weight_map, streamer.total_size = weight_map, total
     if calib is not None:
         report.settings.setdefault("calibration", {}).update(calib.summary())
     return report
+
+
+def _write_group(
+    streamer: _LayerStreamer,
+    method: Method,
+    group: int | None,
+    path: Path,
+    metadata: dict[str, str],
+    report: QuantReport,
+    include_head: bool,
+    calib: LayerCalibration | None,
+) -> tuple[list[str], int]:
+    """Read one layer (or, for None, everything outside the layers), calibrate and quantize its
+    projections, and write it as the shard `path`.
+
+    Returns:
+        the hub names written, and their bytes.
+    """
+    from hubquant.models.safetensors_file import SafetensorsWriter
+
+    model, family = streamer.model, streamer.family
+    canon = streamer.group(group)
+    streamer.materialize(canon)
+    if group is not None:
+        streamer.place(group)
+    tensors: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    targets = list(_projections(model, group)) if group is not None else []
+    if calib is not None:
+        if group is None:
+            calib.begin(model)  # the embeddings are loaded now
+        else:
+            calib.layer(model.layers[group], method, [(t.name, t.linear) for t in targets])
+    if group is None and include_head:
+        if model.config.tie_embeddings:
+            model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone(), requires_grad=False)
+        if streamer.device is not None:
+            model.lm_head.to(streamer.device)
+        targets.append(_Target(HEAD, model.lm_head))
+    for target in targets:
+        module, record = _quantize_one(method, target, runtime=False)
+        report.layers.append(record)
+        if module is None:
+            continue
+        tensors.update(method.hf_tensors(module, family.to_hub(f"{target.name}.weight")[: -len(".weight")]))
+        done.update(n for n in canon if n.startswith(f"{target.name}."))
+    for name in canon:
+        if name not in done:
+            tensors[family.to_hub(name)] = getattr_tensor(model, name)
+    entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    writer = SafetensorsWriter(path, entries, metadata=metadata)
+    try:
+        for tensor in tensors.values():
+            writer.write(tensor.contiguous().cpu())
+    except BaseException:
+        writer.close(check=False)
+        raise
+    writer.close()  # checks the finished shard with the safetensors library
+    return list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def getattr_tensor(model: nn.Module, name: str) -> torch.Tensor:

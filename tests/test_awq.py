@@ -268,3 +268,35 @@ def test_the_diagonal_blocks_from_the_inputs_are_the_hessians():
     h = reference.hessian
     assert torch.allclose(group.blocks(16), reference.blocks(16), rtol=1e-5, atol=1e-4)
     assert torch.equal(reference.blocks(16)[2], h[32:48, 32:48])
+
+
+@pytest.mark.parametrize("method", ["int4-awq:g32", "int4-gptq:g32"])
+def test_awq_calibrates_on_the_inputs_themselves_and_gptq_on_the_hessian(
+    method, hf_checkpoint, tmp_path, monkeypatch
+):
+    """Through a whole quantize: AWQ's groups carry X where there are no more tokens than channels
+    (2 x 16 tokens, 64 channels here), GPTQ's always X^T X, which it solves with."""
+    from hubquant.quantize import calibration
+
+    seen: list[tuple[bool, bool]] = []  # per group: (has inputs, has a Hessian)
+
+    class Watched(calibration.InputStats):
+        def groups(self):
+            made = super().groups()
+            seen.extend((g.inputs is not None, g.hessian is not None) for g in made)
+            return made
+
+    monkeypatch.setattr(calibration, "InputStats", Watched)
+    folder, _ = hf_checkpoint("llama_gqa")
+    quantize_checkpoint(
+        folder,
+        tmp_path / "out",
+        method,
+        progress=False,
+        calibration=CalibrationSettings(samples=2, length=16),
+    )
+    assert seen
+    if method.startswith("int4-awq"):
+        assert all(inputs and not hessian for inputs, hessian in seen)
+    else:
+        assert all(hessian and not inputs for inputs, hessian in seen)

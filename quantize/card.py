@@ -266,6 +266,16 @@ def calibration_lines(record: Mapping[str, Any]) -> list[str]:
             f"{record.get('output_error_vs_rtn_worst')}x; lower than round-to-nearest in "
             f"{record['layers_better_than_rtn']} layers."
         )
+    if record.get("scaled_groups") is not None:  # what AWQ chose
+        chose = f"AWQ scaled {record['scaled_groups']} input groups"
+        if record.get("exponent_median") is not None:
+            low, high = record.get("exponent_range") or ("?", "?")
+            chose += f" (exponent median {record['exponent_median']}, from {low} to {high})"
+        if record.get("clipped_weight_groups") is not None:
+            chose += f"; its clipping search narrowed the grid of {record['clipped_weight_groups']:.1%} of the weight groups"
+            if record.get("clip_share_mean"):
+                chose += f", to {record['clip_share_mean']:.0%} of their range on average"
+        lines.append(chose + ".")
     return lines
 
 

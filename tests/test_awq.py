@@ -122,6 +122,8 @@ def test_awq_scales_some_groups_and_never_does_worse_than_rounding_where_it_scal
     assert calibration["output_error_vs_rtn_median"] <= 1.0
     card = (out / "README.md").read_text()
     assert "AWQ" in card and "### Calibration" in card
+    assert f"AWQ scaled {calibration['scaled_groups']} input groups" in card
+    assert "its clipping search narrowed the grid of" in card
 
 
 def test_awq_refuses_settings_that_are_not_its_own():

@@ -158,16 +158,19 @@ class InputStats:
         return hook
 
     def _add(self, index: int, x: torch.Tensor) -> None:
-        self.abs_sum[index] += x.float().abs().sum(0)
-        self.count[index] += x.shape[0]
+        flat = x.float()  # one conversion for every statistic
+        self.abs_sum[index] += flat.abs().sum(0)
+        self.count[index] += flat.shape[0]
         kept = self.inputs[index]
-        if kept is not None and self.count[index] <= x.shape[1]:
-            kept.append(x.to(torch.float32, copy=True))  # a copy: the forward's tensor may change
+        if kept is not None and self.count[index] <= flat.shape[1]:
+            # kept beyond this forward: a copy where `float()` handed back the forward's own tensor
+            kept.append(flat.clone() if flat is x else flat)
             return
         if kept is not None:  # more tokens than channels: X^T X is the smaller from here on
-            self.h[index] = gram(kept) if kept else torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.h[index] = (
+                gram(kept) if kept else torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+            )
             self.inputs[index] = None
-        flat = x.float()
         h = self.h[index]
         assert h is not None
         h.addmm_(flat.T, flat)

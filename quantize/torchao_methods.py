@@ -34,12 +34,14 @@ int4 has two layouts:
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from hubquant.errors import HubquantError
+from hubquant.models.compiled import compile_cache_dir
 
 from .base import Method, fused_linear, register_method, tensor_bytes
 
@@ -781,7 +783,8 @@ def _fuse_rowwise(modules: list[nn.Module], kind: str) -> nn.Module | None:
         w.qdata, w.scale = q, sc
         if z is not None:
             w.zero_point = z
-    return fused_linear(modules, weight)
+    cls = type(modules[0]) if all(type(m) is type(modules[0]) for m in modules) else nn.Linear
+    return fused_linear(modules, weight, cls)
 
 
 @register_method
@@ -797,7 +800,8 @@ class Fp8(_TorchaoMethod):
     sizes: ClassVar[str] = (
         "The layout is the same on disk and in memory: one byte per weight plus the scales."
     )
-    default_eval: ClassVar[bool] = False  # slow on a CPU: torchao dequantizes on every product
+    # Not in eval's default set: it is int8's size on a coarser grid (`--variants fp8` adds it).
+    default_eval: ClassVar[bool] = False
     tensor_types: ClassVar[tuple[str, ...]] = ("Float8Tensor",)
     config_types: ClassVar[tuple[str, ...]] = ("Float8WeightOnlyConfig",)
 
@@ -821,5 +825,78 @@ class Fp8(_TorchaoMethod):
         out_features, in_features = shape
         return out_features * in_features + out_features * 4
 
+    def to_runtime(self, module: nn.Module) -> nn.Module:
+        """On the CPU, an `Fp8Linear` holding the very same weight (torchao's product there
+        dequantizes with scalar conversions, ~15x slower than inductor's); elsewhere as saved.
+
+        Args:
+            module: a saved-layout module from `quantize` or `load_module`.
+        """
+        if not _fp8_rowwise_weight_only(module.weight) or module.weight.device.type != "cpu":
+            return module
+        with torch.device("meta"):
+            runtime = Fp8Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        runtime.weight, runtime.bias = module.weight, module.bias
+        return runtime
+
     def fuse(self, modules: list[nn.Module]) -> nn.Module | None:
         return _fuse_rowwise(modules, "Float8Tensor")
+
+
+def _fp8_rowwise_weight_only(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a Float8Tensor that torchao runs as weight-only with one scale per
+    output row (`Float8WeightOnlyConfig`'s layout), the one `Fp8Linear` computes."""
+    return (
+        type(weight).__name__ == "Float8Tensor"
+        and weight.dim() == 2
+        and list(weight.block_size) == [1, weight.shape[1]]
+        and tuple(weight.scale.shape) == (weight.shape[0], 1)
+        and getattr(weight, "act_quant_kwargs", None) is None
+    )
+
+
+def _fp8_dequantize(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torchao's float8 dequantization (`_dequantize_affine_float8`), the same operations in
+    the same order: fp8 to fp32, times the row scales, to `dtype`."""
+    return (qdata.to(torch.float32) * scale).to(dtype)
+
+
+# Compiled once per process, for every shape (dynamic): inductor converts fp8 with vector
+# instructions where eager torch converts one value at a time. None until first used; False when
+# compiling failed there (then torchao's own product runs, with a warning).
+_FP8_KERNEL: Any = None
+
+
+def _fp8_kernel() -> Any:
+    global _FP8_KERNEL
+    if _FP8_KERNEL is None:
+        compile_cache_dir()
+        _FP8_KERNEL = torch.compile(_fp8_dequantize, dynamic=True)
+    return _FP8_KERNEL
+
+
+class Fp8Linear(nn.Linear):
+    """fp8 weight-only on the CPU, with the same values as torchao's product: the weight (a
+    torchao `Float8Tensor`, one scale per row, as saved) dequantized by `_fp8_dequantize` compiled,
+    then `matmul(x, w.t())` and the bias added, as torchao does. torchao's CPU path converts fp8
+    with scalar code (measured here: 1.6 ms for a 576 x 1536 weight, 0.2 ms compiled). The first
+    product compiles it (seconds; kept in the hubquant compile cache)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global _FP8_KERNEL
+        weight = self.weight
+        kernel = _fp8_kernel() if _FP8_KERNEL is not False else None
+        if kernel is None or x.device.type != "cpu" or not _fp8_rowwise_weight_only(weight):
+            return super().forward(x)
+        try:
+            dense = kernel(weight.qdata, weight.scale, weight.dtype)
+        except Exception as error:  # no C++ compiler, or inductor cannot build here
+            _FP8_KERNEL = False
+            warnings.warn(
+                f"fp8: compiling the CPU dequantization failed ({type(error).__name__}); "
+                "running torchao's slower product instead",
+                stacklevel=2,
+            )
+            return super().forward(x)
+        out = torch.matmul(x, dense.t())
+        return out if self.bias is None else out + self.bias

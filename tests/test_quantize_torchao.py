@@ -164,6 +164,55 @@ def test_int4_qparams_bf16_cannot_hold_keep_their_saved_layout():
     assert type(Int4().to_runtime(symmetric).weight).__name__ == "Int4OpaqueTensor"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_cpu_runtime_is_torchaos_product_bit_for_bit(dtype):
+    """On the CPU fp8 runs through `Fp8Linear`: the same Float8Tensor (not a copy), dequantized by
+    an inductor-compiled kernel. Its weight equals torchao's `dequantize()` and its outputs
+    torchao's own product, bit for bit, for a decode row and a prefill block, with a bias, and
+    fused as well as alone."""
+    from hubquant.quantize import torchao_methods
+    from hubquant.quantize.torchao_methods import Fp8Linear, _fp8_kernel
+
+    fp8 = Fp8()
+    layers = [_linear(n, 96, seed=n, bias=True).to(dtype) for n in (64, 32, 32)]
+    saved = [fp8.quantize(layer, fp8.plan("x", layer)) for layer in layers]
+    runtime = [fp8.to_runtime(module) for module in saved]
+    assert all(type(module) is Fp8Linear for module in runtime)
+    assert all(r.weight is s.weight and r.bias is s.bias for r, s in zip(runtime, saved, strict=True))
+    weight = saved[0].weight
+    dense = _fp8_kernel()(weight.qdata, weight.scale, weight.dtype)
+    assert torch.equal(dense, weight.dequantize())
+    x = torch.randn(2, 5, 96, dtype=dtype)
+    with torch.inference_mode():
+        for r, s in zip(runtime, saved, strict=True):
+            assert torch.equal(r(x), s(x)) and torch.equal(r(x[:, -1:]), s(x[:, -1:]))
+        fused = fp8.fuse(runtime)
+        assert type(fused) is Fp8Linear
+        assert torch.equal(fused(x), torch.cat([s(x) for s in saved], dim=-1))
+    assert torchao_methods._FP8_KERNEL is not False  # the compiled kernel ran, no fallback
+
+
+def test_fp8_cpu_runtime_falls_back_to_torchao_when_compiling_fails(monkeypatch):
+    """No C++ compiler for inductor: one warning, then torchao's own (slower) product, same values."""
+    from hubquant.quantize import torchao_methods
+
+    def broken(*args: Any) -> torch.Tensor:
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torchao_methods, "_FP8_KERNEL", broken)
+    fp8 = Fp8()
+    layer = _linear(32, 64, bias=True)
+    saved = fp8.quantize(layer, fp8.plan("x", layer))
+    runtime = fp8.to_runtime(saved)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.inference_mode(), pytest.warns(UserWarning, match="fp8: compiling"):
+        out = runtime(x)
+    assert torch.equal(out, saved(x))
+    assert torchao_methods._FP8_KERNEL is False
+    with torch.inference_mode():
+        assert torch.equal(runtime(x), saved(x))
+
+
 def test_hqq_search_lowers_the_weight_error():
     """HQQ's scale search is symmetric: it beats torchao's symmetric absmax scales on the weights
     (and, zero points being 0, repacks exactly)."""

@@ -34,6 +34,7 @@ groups), so the search never does worse than the scaling alone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -145,6 +146,23 @@ def _fold_into_norm(norm: nn.Module, scale: torch.Tensor) -> bool:
     return False
 
 
+@dataclass
+class ClipRecord:
+    """What the clipping search did, for the record: weight groups rounded, how many of them were
+    clipped, and the sum of those groups' kept shares of their largest magnitude."""
+
+    groups: int = 0
+    clipped: int = 0
+    share_sum: float = 0.0
+
+    def add(self, groups: int, clip: torch.Tensor | None) -> None:
+        """Count `groups` rounded weight groups, with their clipping `clip` (None: unclipped)."""
+        self.groups += groups
+        if clip is not None:
+            self.clipped += int((clip < 1).sum())
+            self.share_sum += float(clip[clip < 1].sum())
+
+
 @register_method
 class Int4AWQ(SolvedInt4):
     """int4 with AWQ's activation-aware scales folded into the layer (module docstring).
@@ -174,17 +192,17 @@ class Int4AWQ(SolvedInt4):
     def __init__(self, group_size: int | None = None, **settings: Any) -> None:
         super().__init__(group_size=group_size, **settings)
         self.exponents: list[float] = []  # the exponent chosen per scaled group, for the record
-        self.clipping = [0, 0, 0.0]  # for the record: groups rounded, groups clipped, sum of their shares
+        self.clipping = ClipRecord()
         # the last layer's folds: name -> (its input columns' scale, its output rows' divisor)
         self.scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def summary(self) -> dict[str, Any]:
         """How many input groups were scaled, and the exponents chosen; what share of the weight
         groups were clipped, and how far on average."""
-        rounded_groups, clipped, shares = self.clipping
+        record = self.clipping
         clipping = {
-            "clipped_weight_groups": round(clipped / rounded_groups, 4) if rounded_groups else 0.0,
-            **({"clip_share_mean": round(shares / clipped, 4)} if clipped else {}),
+            "clipped_weight_groups": round(record.clipped / record.groups, 4) if record.groups else 0.0,
+            **({"clip_share_mean": round(record.share_sum / record.clipped, 4)} if record.clipped else {}),
         }
         if not self.exponents:
             return {"scaled_groups": 0, **clipping}
@@ -265,10 +283,7 @@ class Int4AWQ(SolvedInt4):
                         else:
                             clip = None
                     self.solutions[name] = rtn_codes(w, size, clip)
-                    self.clipping[0] += w.numel() // size
-                    if clip is not None:
-                        self.clipping[1] += int((clip < 1).sum())
-                        self.clipping[2] += float(clip[clip < 1].sum())
+                    self.clipping.add(w.numel() // size, clip)
                     del w, clip
                     errors[name] = (mine, rtn[name])
                 del blocks

@@ -303,3 +303,11 @@ def test_awq_calibrates_on_the_inputs_themselves_and_gptq_on_the_hessian(
         assert all(inputs and not hessian for inputs, hessian in seen)
     else:
         assert all(hessian and not inputs for inputs, hessian in seen)
+
+
+def test_clip_record_counts_groups_clipped_and_their_shares():
+    record = awq.ClipRecord()
+    record.add(4, torch.tensor([1.0, 0.9, 0.7, 1.0]))
+    record.add(2, None)
+    assert (record.groups, record.clipped) == (6, 2)
+    assert record.share_sum == pytest.approx(1.6)

@@ -736,8 +736,62 @@ class Int8(_TorchaoMethod):
         out_features, in_features = shape
         return out_features * in_features + out_features * (4 + 1)
 
+    def to_runtime(self, module: nn.Module) -> nn.Module:
+        """On the CPU, an `Int8Linear` holding the very same weight, run by torch's int8
+        weight-only kernel (`_weight_int8pack_mm`); elsewhere, and for input widths that kernel
+        cannot take, as saved.
+
+        Args:
+            module: a saved-layout module from `quantize` or `load_module`.
+        """
+        if not _int8_pack_mm_takes(module.weight):
+            return module
+        with torch.device("meta"):
+            runtime = Int8Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        runtime.weight, runtime.bias = module.weight, module.bias
+        return runtime
+
     def fuse(self, modules: list[nn.Module]) -> nn.Module | None:
         return _fuse_rowwise(modules, "Int8Tensor")
+
+
+# `_weight_int8pack_mm` reads the input width in steps of 16 values (AVX512; 8 with AVX2) and has
+# no tail: other widths give wrong values or crash (measured), so they keep torchao's product.
+INT8_PACK_K = 16
+
+
+def _int8_pack_mm_takes(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a CPU Int8Tensor that torchao runs as weight-only with one scale and no
+    zero point per output row (`Int8WeightOnlyConfig`'s layout) and a width the kernel takes."""
+    if type(weight).__name__ != "Int8Tensor" or weight.device.type != "cpu" or weight.dim() != 2:
+        return False
+    zero = weight.zero_point
+    return (
+        list(weight.block_size) == [1, weight.shape[1]]
+        and weight.shape[1] % INT8_PACK_K == 0
+        and weight.scale.numel() == weight.shape[0]
+        and (zero is None or not bool(zero.any()))
+        and all(getattr(weight, name, None) is None for name in ("act_quant_kwargs", "act_pre_scale"))
+    )
+
+
+class Int8Linear(nn.Linear):
+    """int8 weight-only on the CPU: torch's `_weight_int8pack_mm` on the saved int8 rows and the
+    row scales in the input's dtype, which is what torchao's int8 weight-only product becomes when
+    compiled on the CPU (inductor's weight-only int8 pattern), and equal to it bit for bit. Eager
+    torchao instead converts the whole weight to the input's dtype on every product and runs a
+    dense matmul (~5x slower on SmolLM2's shapes). The values differ from eager torchao's by the
+    rounding: this kernel accumulates x . (q s) in fp32 and rounds once; torchao rounds x . q to
+    the input's dtype, then the product with s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return super().forward(x)
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.to(x.dtype).reshape(-1))
+        out = out.reshape(*x.shape[:-1], weight.shape[0])
+        return out if self.bias is None else out + self.bias
 
 
 def _fuse_rowwise(modules: list[nn.Module], kind: str) -> nn.Module | None:

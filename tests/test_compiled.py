@@ -125,3 +125,30 @@ def test_each_model_compiles_its_own_step_past_dynamos_recompile_limit(hf_checkp
         model, _ = hubquant.load(folder, dtype="fp32", progress=False)
         model.generate(ids, max_new_tokens=2, eos_ids=[], compile=True)
     assert len(compiles) == models
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_cpu_runtime_quantized_products_compile_into_the_one_step(hf_checkpoint, monkeypatch, method):
+    """int8's `Int8Linear` and fp8's `Fp8Linear` (whose dequantization is itself compiled) trace
+    into the step as one graph, with no break, and decode the eager tokens."""
+    import hubquant.models.compiled as compiled
+    from hubquant.quantize.torchao_methods import Fp8Linear, Int8Linear
+
+    graphs: list[int] = []
+
+    def counting(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+
+    monkeypatch.setattr(compiled, "compile_options", lambda model: {"backend": counting})
+    folder, _ = hf_checkpoint("llama_gqa")
+    model, _ = hubquant.load(folder, dtype="bf16", progress=False)
+    hubquant.quantize(model, method, progress=False)
+    kind = {"int8": Int8Linear, "fp8": Fp8Linear}[method]
+    assert any(type(module) is kind for module in model.modules())
+    ids = sample_ids(batch=1, seq=5)
+    with torch.inference_mode():
+        eager = model.generate(ids, max_new_tokens=6, eos_ids=[])
+        first = model.generate(ids, max_new_tokens=6, eos_ids=[], compile=True)
+    assert torch.equal(first, eager)
+    assert len(graphs) == 1, f"the step compiled as {len(graphs)} graphs"

@@ -37,10 +37,11 @@ test_quantize_nf4.py hold single layers to: int4 0.11, nf4 0.11, int8 0.0066, fp
 Saved variants (bf16, as `hubquant quantize` makes them) reload in hubquant to the in-memory
 quantized model's outputs exactly, and transformers (AutoModel, AutoModelForMaskedLM,
 AutoModelForPreTraining, in a process that never imports hubquant) gives those outputs: exactly for
-nf4, int8 and fp8 (the same bitsandbytes / torchao kernels on the same bytes, and hubquant's bf16
-encoder equals transformers' bit for bit, test_bert.py), within 1% relative for int4 (transformers
-dequantizes to bf16 and runs a dense matmul, hubquant's CPU kernel applies the scales in fp32; see
-test_quantize_torchao.py; measured 0.2-0.6%).
+nf4 and fp8 (the same values from the same bytes, and hubquant's bf16 encoder equals transformers'
+bit for bit, test_bert.py), within 1% relative for int4 (transformers dequantizes to bf16 and runs
+a dense matmul, hubquant's CPU kernel applies the scales in fp32; see test_quantize_torchao.py;
+measured 0.2-0.6%) and for int8 (hubquant's `_weight_int8pack_mm` rounds each product once where
+transformers' eager torchao rounds twice; measured 0.37%).
 
 The real all-MiniLM-L6-v2 made int8 (bf16 base dtype) embeds with cosine 0.9994-0.9996 to the fp32
 original on every test sentence; the bound asked of it is 0.99.
@@ -84,7 +85,7 @@ METHOD_NAMES = ["int4", "nf4", "int8", "fp8"] if HAS_BNB else ["int4", "int8", "
 WEIGHT_ERROR = {"int4": 0.11, "nf4": 0.11, "int8": 0.0066, "fp8": 0.04}
 TOP1 = {"int4": 0.8, "nf4": 0.8, "int8": 0.97, "fp8": 0.93}
 # hubquant's reload against transformers on the same folder: relative error of the outputs.
-HF_BOUND = {"int4": 0.01, "nf4": 0.0, "int8": 0.0, "fp8": 0.0}
+HF_BOUND = {"int4": 0.01, "nf4": 0.0, "int8": 0.01, "fp8": 0.0}
 # The weight class each method's quantized projections hold in an fp32 model (int4's CPU kernel
 # takes bf16 only: in fp32 it runs in bf16 and hands fp32 back) ...
 FP32_KIND = {

@@ -17,9 +17,13 @@ Bounds, from the formats (the fixtures' weights are Gaussian):
   int4 40%, fp8 14%, int8 2.4%. (Measured: 0.3-1.8 e for int4, 0.8-2.9 e for int8, 0.3-1.3 e
   for fp8; the worst is always Apertus.) bf16's own rounding (2^-8 per op) is far
   below all three.
-- hubquant against transformers on the same folder. int8 and fp8 run the same torchao tensor code
-  in both, on a decoder that matches transformers' bf16 logits bit for bit, so the logits must be
-  equal. int4 differs by kernel: transformers dequantizes q * s to bf16 (at most half a bf16 ulp,
+- hubquant against transformers on the same folder. fp8 runs the same values in both (torchao's
+  dequantization, compiled on hubquant's side; its matmul), on a decoder that matches
+  transformers' bf16 logits bit for bit, so the logits must be equal. int8 differs by kernel:
+  hubquant runs torch's `_weight_int8pack_mm` (what torchao's int8 becomes when compiled on the
+  CPU), which rounds x . (q s) once; transformers' eager torchao rounds x . q to bf16 and then
+  its product with s, one more rounding of up to 2^-9 per product. Through the 4x allowance
+  that is 0.8% (measured 0.4-1.0%, Apertus the worst); we allow 2%. int4 differs by kernel: transformers dequantizes q * s to bf16 (at most half a bf16 ulp,
   2^-9 relative, RMS about 2^-9 / sqrt(3) = 0.1%) and runs a bf16 matmul; hubquant's CPU kernel
   applies q * s in fp32. Through the same 4x allowance that is 0.5%; we allow 1% since both sides
   also round activations to bf16 at every op.
@@ -52,7 +56,7 @@ CLASSES = {"int4": Int4, "int8": Int8, "fp8": Fp8}
 # Relative logit error bounds against the bf16 base model (see the module docstring).
 LOGIT_BOUND = {"int4": 0.40, "int8": 0.024, "fp8": 0.14}
 # hubquant against transformers on the same saved folder.
-HF_BOUND = {"int4": 0.01, "int8": 0.0, "fp8": 0.0}
+HF_BOUND = {"int4": 0.01, "int8": 0.02, "fp8": 0.0}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -211,6 +215,58 @@ def test_fp8_cpu_runtime_falls_back_to_torchao_when_compiling_fails(monkeypatch)
     assert torchao_methods._FP8_KERNEL is False
     with torch.inference_mode():
         assert torch.equal(runtime(x), saved(x))
+
+
+def test_int8_cpu_runtime_is_torchaos_compiled_product_bit_for_bit():
+    """On the CPU int8 runs through `Int8Linear` (torch's `_weight_int8pack_mm`) on the same
+    Int8Tensor: bit for bit what torchao's own product gives once compiled (inductor rewrites it to
+    that kernel), for a decode row and a prefill block, with a bias, and fused as well as alone."""
+    from hubquant.quantize.torchao_methods import Int8Linear
+
+    int8 = Int8()
+    layers = [_linear(n, 96, seed=n, bias=True) for n in (64, 33, 31)]
+    saved = [int8.quantize(layer, int8.plan("x", layer)) for layer in layers]
+    runtime = [int8.to_runtime(module) for module in saved]
+    assert all(type(module) is Int8Linear for module in runtime)
+    assert all(r.weight is s.weight and r.bias is s.bias for r, s in zip(runtime, saved, strict=True))
+    x = torch.randn(2, 5, 96, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        compiled = torch.compile(saved[0], dynamic=False)
+        for rows in (x, x[:, -1:]):
+            assert torch.equal(runtime[0](rows), compiled(rows))
+        fused = int8.fuse(runtime)
+        assert type(fused) is Int8Linear
+        assert torch.equal(fused(x), torch.cat([r(x) for r in runtime], dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_cpu_runtime_rounds_closer_to_the_exact_product_than_eager_torchao(dtype):
+    """One rounding instead of two: against the float64 product of the same int8 weights, the
+    kernel's error is below eager torchao's (bf16) and both are at fp32's level (fp32)."""
+    int8 = Int8()
+    layer = _linear(256, 512, seed=4, bias=True).to(dtype)
+    saved = int8.quantize(layer, int8.plan("x", layer))
+    runtime = int8.to_runtime(saved)
+    weight = saved.weight
+    x = torch.randn(7, 512, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    dense = weight.qdata.double() * weight.scale.to(dtype).double().reshape(-1, 1)
+    exact = x.double() @ dense.T + layer.bias.double()
+    with torch.inference_mode():
+        ours, torchao = rel(runtime(x), exact), rel(saved(x), exact)
+    if dtype == torch.bfloat16:
+        assert ours < torchao < 2**-8
+    else:
+        assert max(ours, torchao) < 1e-6
+
+
+@pytest.mark.parametrize("width", [40, 72, 100])
+def test_int8_widths_the_kernel_cannot_take_keep_torchaos_product(width):
+    """`_weight_int8pack_mm` reads inputs 16 values at a time with no tail (other widths gave inf,
+    NaN or a crash here), so those layers stay as saved."""
+    int8 = Int8()
+    layer = _linear(32, width)
+    saved = int8.quantize(layer, int8.plan("x", layer))
+    assert int8.to_runtime(saved) is saved
 
 
 def test_hqq_search_lowers_the_weight_error():

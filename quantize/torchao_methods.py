@@ -758,13 +758,19 @@ class Int8(_TorchaoMethod):
 # `_weight_int8pack_mm` reads the input width in steps of 16 values (AVX512; 8 with AVX2) and has
 # no tail: other widths give wrong values or crash (measured), so they keep torchao's product.
 INT8_PACK_K = 16
+# Its bf16 kernel is a vector-matrix one: faster than torchao's convert-then-matmul up to about
+# 16-32 input rows on SmolLM2's shapes, slower beyond (measured here: 5.4x at 1 row, 1.25x at 16,
+# 0.7x at 32; 0.55x at 64). Decode steps take it; prefill blocks of more rows run torchao's product.
+INT8_PACK_MAX_ROWS = 16
 
 
 def _int8_pack_mm_takes(weight: torch.Tensor) -> bool:
-    """Whether `weight` is a CPU Int8Tensor that torchao runs as weight-only with one scale and no
-    zero point per output row (`Int8WeightOnlyConfig`'s layout) and a width the kernel takes."""
+    """Whether `weight` is a bf16 CPU Int8Tensor that torchao runs as weight-only with one scale and
+    no zero point per output row (`Int8WeightOnlyConfig`'s layout) and a width the kernel takes."""
     if type(weight).__name__ != "Int8Tensor" or weight.device.type != "cpu" or weight.dim() != 2:
         return False
+    if weight.dtype != torch.bfloat16:
+        return False  # its fp32 and fp16 kernels are scalar code: slower than torchao's product
     zero = weight.zero_point
     return (
         list(weight.block_size) == [1, weight.shape[1]]
@@ -776,20 +782,21 @@ def _int8_pack_mm_takes(weight: torch.Tensor) -> bool:
 
 
 class Int8Linear(nn.Linear):
-    """int8 weight-only on the CPU: torch's `_weight_int8pack_mm` on the saved int8 rows and the
-    row scales in the input's dtype, which is what torchao's int8 weight-only product becomes when
-    compiled on the CPU (inductor's weight-only int8 pattern), and equal to it bit for bit. Eager
-    torchao instead converts the whole weight to the input's dtype on every product and runs a
-    dense matmul (~5x slower on SmolLM2's shapes). The values differ from eager torchao's by the
-    rounding: this kernel accumulates x . (q s) in fp32 and rounds once; torchao rounds x . q to
-    the input's dtype, then the product with s."""
+    """int8 weight-only in bf16 on the CPU, for decode: up to `INT8_PACK_MAX_ROWS` input rows run
+    torch's `_weight_int8pack_mm` on the saved int8 rows and the row scales in bf16, which is what
+    torchao's int8 weight-only product becomes when compiled on the CPU (inductor's weight-only
+    int8 pattern), and equal to it bit for bit. Eager torchao instead converts the whole weight to
+    bf16 on every product and runs a dense matmul (5x slower for one row on SmolLM2's shapes,
+    30x on a 4096 x 4096 weight); more rows (prefill) run that product. The values differ from
+    eager torchao's by the rounding: this kernel accumulates x . (q s) in fp32 and rounds once;
+    torchao rounds x . q to bf16, then the product with s."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        rows = x.reshape(-1, x.shape[-1])
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows.shape[0] > INT8_PACK_MAX_ROWS:
             return super().forward(x)
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.to(x.dtype).reshape(-1))
+        out = torch._weight_int8pack_mm(rows.contiguous(), weight.qdata, weight.scale.to(x.dtype).reshape(-1))
         out = out.reshape(*x.shape[:-1], weight.shape[0])
         return out if self.bias is None else out + self.bias
 

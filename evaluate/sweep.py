@@ -345,15 +345,6 @@ def _connect(ray: Any, address: str) -> None:
             if isinstance(error, socket.timeout):
                 reason = "no answer"
             raise HubquantError(f"cannot reach the Ray cluster at {address} ({reason}); {fix}") from None
-    done: dict[str, BaseException | None] = {}
-
-    def init() -> None:
-        try:
-            ray.init(address=address, log_to_driver=False)
-            done["error"] = None
-        except BaseException as error:  # handed to the waiting thread
-            done["error"] = error
-
     watch = _ConnectWatch()
     loggers = [logging.getLogger(name) for name in ("ray._private.worker", "ray.util.client.worker")]
     levels = [logger.level for logger in loggers]
@@ -361,15 +352,22 @@ def _connect(ray: Any, address: str) -> None:
     for logger in loggers:
         logger.addFilter(watch)
     try:
-        thread = threading.Thread(target=init, name="hubquant-ray-connect", daemon=True)
-        thread.start()
-        while "error" not in done and not watch.refused and time.monotonic() < deadline:
-            thread.join(min(0.25, max(deadline - time.monotonic(), 0.0)))
+        while True:
+            done = _init_within(ray, address, deadline, watch)
+            error = done.get("error")
+            # Ray Client's proxy starts a server per client; on a busy head that start can fail
+            # once ("Initialization failure from server") and work when asked again.
+            if error is None or not _transient(error) or time.monotonic() > deadline - 1:
+                break
+            try:
+                ray.shutdown()
+            except Exception:  # nothing to shut down after a failed start
+                pass
+            time.sleep(1.0)
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.removeFilter(watch)
             logger.setLevel(level)
-    error = done.get("error")
     chain, seen = [], error
     while seen is not None and len(chain) < 10:
         chain.append(f"{type(seen).__name__}: {seen}")
@@ -394,6 +392,33 @@ def _connect(ray: Any, address: str) -> None:
         )
     first = text.splitlines()[0].rstrip(". ") if text else type(error).__name__
     raise HubquantError(f"cannot connect to the Ray cluster at {address}: {first}; {fix}")
+
+
+TRANSIENT_CONNECT_ERRORS = ("Initialization failure from server",)
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a failed `ray.init` is one that asking again can cure."""
+    return any(text in str(error) for text in TRANSIENT_CONNECT_ERRORS)
+
+
+def _init_within(ray: Any, address: str, deadline: float, watch: _ConnectWatch) -> dict[str, Any]:
+    """`ray.init(address)` in a thread, waited for until it ends, the watch sees the token
+    refused, or the deadline: {"error": None or the exception} when it ended, else {}."""
+    done: dict[str, BaseException | None] = {}
+
+    def init() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False)
+            done["error"] = None
+        except BaseException as error:  # handed to the waiting thread
+            done["error"] = error
+
+    thread = threading.Thread(target=init, name="hubquant-ray-connect", daemon=True)
+    thread.start()
+    while "error" not in done and not watch.refused and time.monotonic() < deadline:
+        thread.join(min(0.25, max(deadline - time.monotonic(), 0.0)))
+    return done
 
 
 class _ConnectWatch(logging.Filter):

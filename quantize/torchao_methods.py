@@ -33,6 +33,7 @@ int4 has two layouts:
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from typing import Any, ClassVar
@@ -778,7 +779,34 @@ def _int8_pack_mm_takes(weight: torch.Tensor) -> bool:
         and weight.scale.numel() == weight.shape[0]
         and (zero is None or not bool(zero.any()))
         and all(getattr(weight, name, None) is None for name in ("act_quant_kwargs", "act_pre_scale"))
+        and int8_pack_mm_works()
     )
+
+
+@functools.cache
+def int8_pack_mm_works() -> bool:
+    """Whether this CPU's `_weight_int8pack_mm` (torch picks its code by CPU) gives the product of a
+    small probe, for 1, 3 and 16 rows in turn, within bf16's rounding; checked once per process.
+    Where it does not, int8 keeps torchao's product, with a warning."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (6, 48), dtype=torch.int8, generator=gen)
+    scale = (torch.rand(6, generator=gen) + 0.5).to(torch.bfloat16)
+    dense = q.double() * scale.double()[:, None]
+    for rows in (1, 3, INT8_PACK_MAX_ROWS):
+        x = torch.randn(rows, 48, generator=gen).to(torch.bfloat16)
+        exact = x.double() @ dense.T
+        try:
+            out = torch._weight_int8pack_mm(x, q, scale).double()
+        except RuntimeError:
+            out = None
+        if out is None or not bool(((out - exact).abs() <= 2**-7 * exact.abs().max()).all()):
+            warnings.warn(
+                "int8: torch's _weight_int8pack_mm gives wrong products on this CPU; "
+                "running torchao's slower product instead",
+                stacklevel=2,
+            )
+            return False
+    return True
 
 
 class Int8Linear(nn.Linear):

@@ -656,3 +656,36 @@ def test_quantize_device_is_checked_before_anything_is_read(hf_checkpoint, tmp_p
     b, _ = quantize_checkpoint(folder, tmp_path / "b", "int4", device="cpu", progress=False)
     for shard in sorted(a.glob("*.safetensors")):
         assert shard.read_bytes() == (b / shard.name).read_bytes()
+
+
+def test_int8_kernel_probe_passes_here_and_gates_the_runtime(monkeypatch):
+    """The once-per-process probe of `_weight_int8pack_mm` passes on this CPU (so the tests above
+    ran the kernel); where it fails, int8 layers keep torchao's product."""
+    from hubquant.quantize import torchao_methods
+
+    assert torchao_methods.int8_pack_mm_works()
+    monkeypatch.setattr(torchao_methods, "int8_pack_mm_works", lambda: False)
+    int8 = Int8()
+    layer = _linear(32, 64)
+    saved = int8.quantize(layer, int8.plan("x", layer))
+    assert int8.to_runtime(saved) is saved
+
+
+def test_int8_kernel_probe_catches_a_wrong_kernel(monkeypatch):
+    from hubquant.quantize import torchao_methods
+
+    real = torch._weight_int8pack_mm
+    calls: list[int] = []
+
+    def stale_after_first(x, q, scale):  # the bug class the probe is for: right once, then wrong
+        calls.append(1)
+        out = real(x, q, scale)
+        return out if len(calls) == 1 else out * 1.5
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", stale_after_first)
+    torchao_methods.int8_pack_mm_works.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="int8: torch's _weight_int8pack_mm"):
+            assert not torchao_methods.int8_pack_mm_works()
+    finally:
+        torchao_methods.int8_pack_mm_works.cache_clear()

@@ -140,6 +140,37 @@ def test_address_forms():
         _host_port("head:port")
 
 
+class _FlakyRay:
+    """Ray's module as `_connect` uses it: `init` fails `failures` times with `error`, then joins."""
+
+    def __init__(self, failures: int, error: BaseException) -> None:
+        self.failures, self.error, self.calls, self.shutdowns = failures, error, 0, 0
+
+    def init(self, address: str, log_to_driver: bool) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_a_transient_ray_client_init_failure_is_asked_again(monkeypatch):
+    """Ray Client's proxy can fail to start a client's server once on a busy head (seen in a full
+    suite run on 2 cores); the connect asks again within its time limit. Other errors are final."""
+    from hubquant.errors import HubquantError
+    from hubquant.evaluate.sweep import _connect
+
+    monkeypatch.setenv("HUBQUANT_RAY_CONNECT_TIMEOUT", "30")
+    flaky = _FlakyRay(1, ConnectionAbortedError("Initialization failure from server:\n"))
+    _connect(flaky, "auto")
+    assert (flaky.calls, flaky.shutdowns) == (2, 1)
+    final = _FlakyRay(1, ConnectionError("something else"))
+    with pytest.raises(HubquantError, match="something else"):
+        _connect(final, "auto")
+    assert final.calls == 1
+
+
 def test_unreachable_address_is_one_line_within_the_timeout(tmp_path):
     """Through the CLI, in parallel: a dead port (refused at once) and a port that accepts but never
     answers (the watchdog, set to 4 s), each in Ray's GCS form and its ray:// form."""

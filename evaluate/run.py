@@ -48,7 +48,7 @@ from .results import (
     verdict,
 )
 from .settings import EvalSettings
-from .speed import peak_rss_bytes, weight_bytes
+from .speed import kernel_notes, peak_rss_bytes, weight_bytes
 from .tasks import Task, task_for
 
 # The embedded default model is judged on fewer windows, so that `make eval` ends in minutes.
@@ -176,6 +176,7 @@ def measure_variant(task: Task, variant: str, base: torch.nn.Module, base_load_s
     )
     if model is not base:
         row.notes += task.adopt(model, base, variant)
+        row.notes += kernel_notes(model)
     figures = task.measure(model, base, variant)
     row.notes += figures.pop("notes", [])
     row.update(figures)

@@ -139,6 +139,14 @@ def reset_peak_rss() -> None:
         pass
 
 
+def kernel_notes(model: torch.nn.Module) -> list[str]:
+    """What runs a variant's products where hubquant runs them otherwise than the saved tensors'
+    library would eagerly (a `hubquant_kernel` sentence on the module's class), one line each, so
+    that its row says what its figures timed."""
+    notes = {getattr(type(module), "hubquant_kernel", None) for module in model.modules()}
+    return sorted(note for note in notes if note)
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's weights as held at run time: quantized projections as their runtime
     layout holds them (the quantization report's figure), everything else as stored, a tied head

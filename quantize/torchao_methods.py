@@ -819,6 +819,11 @@ class Int8Linear(nn.Linear):
     eager torchao's by the rounding: this kernel accumulates x . (q s) in fp32 and rounds once;
     torchao rounds x . q to bf16, then the product with s."""
 
+    hubquant_kernel: ClassVar[str] = (
+        "int8 products: torch's _weight_int8pack_mm up to 16 rows (decode; torchao's int8 compiled "
+        "on the CPU), torchao's convert-then-matmul beyond (prefill)"
+    )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         rows = x.reshape(-1, x.shape[-1])
@@ -970,6 +975,10 @@ class Fp8Linear(nn.Linear):
     then `matmul(x, w.t())` and the bias added, as torchao does. torchao's CPU path converts fp8
     with scalar code (measured here: 1.6 ms for a 576 x 1536 weight, 0.2 ms compiled). The first
     product compiles it (seconds; kept in the hubquant compile cache)."""
+
+    hubquant_kernel: ClassVar[str] = (
+        "fp8 products: torchao's dequantization compiled by inductor, then torchao's matmul"
+    )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         global _FP8_KERNEL

@@ -689,3 +689,22 @@ def test_int8_kernel_probe_catches_a_wrong_kernel(monkeypatch):
             assert not torchao_methods.int8_pack_mm_works()
     finally:
         torchao_methods.int8_pack_mm_works.cache_clear()
+
+
+def test_eval_rows_say_which_kernels_ran_the_products(hf_checkpoint, tmp_path):
+    """A bf16 eval on the CPU: the int8 and fp8 rows name `Int8Linear`'s and `Fp8Linear`'s kernels
+    in their notes (what their figures timed); the base and int4 rows name none."""
+    from test_sweep import with_tokenizer
+
+    from hubquant.evaluate.run import run_eval
+    from hubquant.quantize.torchao_methods import Fp8Linear, Int8Linear
+
+    folder = with_tokenizer(hf_checkpoint("llama_gqa")[0], tmp_path / "tiny")
+    results = run_eval(
+        str(folder), variants=["base", "int4", "int8", "fp8"], ctx=16, max_chunks=2, max_tokens=200,
+        speed=False, dtype="bf16", device="cpu", out=tmp_path / "out", progress=False,
+    )  # fmt: skip
+    notes = {row["variant"]: row["notes"] for row in results["rows"]}
+    assert Int8Linear.hubquant_kernel in notes["int8"] and Fp8Linear.hubquant_kernel in notes["fp8"]
+    kernels = {Int8Linear.hubquant_kernel, Fp8Linear.hubquant_kernel}
+    assert not kernels & set(notes["base"] + notes["int4"])

@@ -60,15 +60,8 @@ def _resume_example(name: str, folder: Path, tmp_path: Path, monkeypatch, capsys
     assert results["task"] == old.get("task", "causal-lm")
 
 
-def test_the_decoder_example_predates_the_calibration_split(
-    smollm2_folder: Path, tmp_path: Path, monkeypatch, capsys
-):
-    """The decoder example was scored before eval kept the text's last quarter for calibration
-    (method `text_tokens`): resuming it is refused as other settings, in one line."""
-    from hubquant.errors import HubquantError
-
-    with pytest.raises(HubquantError, match="other settings; pass --force"):
-        _resume_example("SmolLM2-135M-Instruct", smollm2_folder, tmp_path, monkeypatch, capsys)
+def test_the_decoder_example_resumes(smollm2_folder: Path, tmp_path: Path, monkeypatch, capsys):
+    _resume_example("SmolLM2-135M-Instruct", smollm2_folder, tmp_path, monkeypatch, capsys)
 
 
 def test_the_embedder_example_resumes(tmp_path: Path, monkeypatch, capsys):

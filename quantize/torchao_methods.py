@@ -829,6 +829,8 @@ class Int8Linear(nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
         if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows.shape[0] > INT8_PACK_MAX_ROWS:
             return super().forward(x)
+        if x.requires_grad and torch.is_grad_enabled():
+            return super().forward(x)  # the kernel has no derivative; torchao's product has one
         out = torch._weight_int8pack_mm(rows.contiguous(), weight.qdata, weight.scale.to(x.dtype).reshape(-1))
         out = out.reshape(*x.shape[:-1], weight.shape[0])
         return out if self.bias is None else out + self.bias

@@ -243,6 +243,21 @@ def test_int8_cpu_runtime_is_torchaos_compiled_product_bit_for_bit():
         assert not torch.equal(runtime[0](prefill[:, :8]), saved[0](prefill[:, :8]))
 
 
+def test_int8_runtime_carries_gradients_to_its_input():
+    """`_weight_int8pack_mm` has no derivative: an input that needs a gradient (an adapter trained
+    on a frozen int8 model) goes through torchao's product, which has one."""
+    int8 = Int8()
+    layer = _linear(32, 64)
+    saved = int8.quantize(layer, int8.plan("x", layer))
+    runtime = int8.to_runtime(saved)
+    x = torch.randn(1, 64, dtype=torch.bfloat16, requires_grad=True)
+    runtime(x).float().sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    saved(x).float().sum().backward()
+    assert torch.equal(x.grad, expected)
+
+
 def test_int8_layers_of_other_dtypes_keep_torchaos_product():
     """The kernel's fp32 and fp16 code is scalar (slower than torchao's): those layers stay as saved."""
     int8 = Int8()

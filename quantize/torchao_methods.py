@@ -745,15 +745,19 @@ class Int8(_TorchaoMethod):
         Args:
             module: a saved-layout module from `quantize` or `load_module`.
         """
-        if not _int8_pack_mm_takes(module.weight):
-            return module
-        with torch.device("meta"):
-            runtime = Int8Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        runtime.weight, runtime.bias = module.weight, module.bias
-        return runtime
+        return _holding(module, Int8Linear) if _int8_pack_mm_takes(module.weight) else module
 
     def fuse(self, modules: list[nn.Module]) -> nn.Module | None:
         return _fuse_rowwise(modules, "Int8Tensor")
+
+
+def _holding(module: nn.Module, cls: type[nn.Linear]) -> nn.Linear:
+    """A `cls` holding `module`'s very weight and bias (no copy): the same saved tensors, another
+    forward."""
+    with torch.device("meta"):
+        runtime = cls(module.in_features, module.out_features, bias=module.bias is not None)
+    runtime.weight, runtime.bias = module.weight, module.bias
+    return runtime
 
 
 # `_weight_int8pack_mm` reads the input width in steps of 16 values (AVX512; 8 with AVX2) and has
@@ -930,10 +934,7 @@ class Fp8(_TorchaoMethod):
         """
         if not _fp8_rowwise_weight_only(module.weight) or module.weight.device.type != "cpu":
             return module
-        with torch.device("meta"):
-            runtime = Fp8Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        runtime.weight, runtime.bias = module.weight, module.bias
-        return runtime
+        return _holding(module, Fp8Linear)
 
     def fuse(self, modules: list[nn.Module]) -> nn.Module | None:
         return _fuse_rowwise(modules, "Float8Tensor")
@@ -986,7 +987,7 @@ class Fp8Linear(nn.Linear):
         global _FP8_KERNEL
         weight = self.weight
         kernel = _fp8_kernel() if _FP8_KERNEL is not False else None
-        if kernel is None or x.device.type != "cpu" or not _fp8_rowwise_weight_only(weight):
+        if kernel is None or x.device.type != "cpu":  # the layout was checked by `to_runtime`
             return super().forward(x)
         try:
             dense = kernel(weight.qdata, weight.scale, weight.dtype)

@@ -109,15 +109,7 @@ def test_each_model_compiles_its_own_step_past_dynamos_recompile_limit(hf_checkp
     """An eval of many variants (or a sweep) compiles one step per model in one process. Dynamo
     counts recompiles per code object: were the models to share `static_step`'s, the one after
     `recompile_limit` would not compile at all and would decode eagerly without a word."""
-    import hubquant.models.compiled as compiled
-
-    compiles: list[int] = []
-
-    def counting(gm, example_inputs):
-        compiles.append(1)
-        return gm.forward
-
-    monkeypatch.setattr(compiled, "compile_options", lambda model: {"backend": counting})
+    compiles = _count_compiles(monkeypatch)
     folder, _ = hf_checkpoint("llama_gqa")
     ids = sample_ids(batch=1, seq=4)
     models = torch._dynamo.config.recompile_limit + 2
@@ -131,16 +123,9 @@ def test_each_model_compiles_its_own_step_past_dynamos_recompile_limit(hf_checkp
 def test_cpu_runtime_quantized_products_compile_into_the_one_step(hf_checkpoint, monkeypatch, method):
     """int8's `Int8Linear` and fp8's `Fp8Linear` (whose dequantization is itself compiled) trace
     into the step as one graph, with no break, and decode the eager tokens."""
-    import hubquant.models.compiled as compiled
     from hubquant.quantize.torchao_methods import Fp8Linear, Int8Linear
 
-    graphs: list[int] = []
-
-    def counting(gm, example_inputs):
-        graphs.append(1)
-        return gm.forward
-
-    monkeypatch.setattr(compiled, "compile_options", lambda model: {"backend": counting})
+    graphs = _count_compiles(monkeypatch)
     folder, _ = hf_checkpoint("llama_gqa")
     model, _ = hubquant.load(folder, dtype="bf16", progress=False)
     hubquant.quantize(model, method, progress=False)
@@ -152,3 +137,18 @@ def test_cpu_runtime_quantized_products_compile_into_the_one_step(hf_checkpoint,
         first = model.generate(ids, max_new_tokens=6, eos_ids=[], compile=True)
     assert torch.equal(first, eager)
     assert len(graphs) == 1, f"the step compiled as {len(graphs)} graphs"
+
+
+def _count_compiles(monkeypatch) -> list[int]:
+    """Swap the step's backend for one that runs the graph as traced and appends to the returned
+    list once per graph compiled."""
+    import hubquant.models.compiled as compiled
+
+    graphs: list[int] = []
+
+    def counting(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+
+    monkeypatch.setattr(compiled, "compile_options", lambda model: {"backend": counting})
+    return graphs

@@ -105,6 +105,77 @@ def test_the_compiled_step_mutates_only_static_state(hf_checkpoint, monkeypatch)
     assert model.__dict__["_static_cache"][1] is cache  # the same tensors, call after call
 
 
+def test_each_cache_write_is_a_one_slot_put_into_its_own_tensor(hf_checkpoint, monkeypatch):
+    """The step writes each layer's keys and values as an `index_put` into that layer's own cache
+    tensor (in the functional graph, the mutated input's new value is `index_put(input, ...)`),
+    which inductor turns back into an in-place write of one slot. Written through a view of one
+    all-layers tensor, or with `index_copy_`, the whole cache was copied for every layer (0.2 to
+    0.7 ms a layer on SmolLM2: decode at half speed)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._guards import TracingContext
+
+    import hubquant.models.compiled as compiled
+
+    graphs: list[tuple[torch.fx.GraphModule, list[int]]] = []
+
+    def recording(gm, example_inputs):
+        def forward(graph, inputs):
+            meta = TracingContext.get().fw_metadata
+            graphs.append((graph, [i for i, info in enumerate(meta.input_info) if info.mutates_data]))
+            return graph
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward)
+
+    monkeypatch.setattr(compiled, "compile_options", lambda model: {"backend": recording})
+    folder, _ = hf_checkpoint("llama_gqa")
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    ids = sample_ids(batch=1, seq=5)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=4, eos_ids=[], compile=True),
+        model.generate(ids, max_new_tokens=4, eos_ids=[]),
+    )
+    graph, mutated = graphs[0]
+    nodes = list(graph.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    outputs = next(n for n in nodes if n.op == "output").args[0]  # mutated inputs' values first
+    cache = model.__dict__["_static_cache"][1]
+    shape = tuple(cache.k[0].shape)
+    puts = 0
+    for index, value in zip(mutated, outputs, strict=False):
+        if tuple(inputs[index].meta["val"].shape) == shape:
+            assert value.target is torch.ops.aten.index_put.default, value.target
+            assert value.args[0] is inputs[index], "the put is not into the cache tensor itself"
+            puts += 1
+    assert puts == 2 * model.config.num_layers
+
+
+def test_a_model_changed_after_compiling_compiles_the_step_again(hf_checkpoint, monkeypatch):
+    """Dynamo's guards on the model are off (they cost a sixth of a small model's step); the
+    model's fingerprint, checked once per generate, stands in for them: a module swapped after a
+    compiled generate compiles the step again, and the tokens are the changed model's."""
+    compiles = _count_compiles(monkeypatch)
+    folder, _ = hf_checkpoint("llama_gqa")
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    ids = sample_ids(batch=1, seq=5)
+    before = model.generate(ids, max_new_tokens=6, eos_ids=[], compile=True)
+    model.generate(ids, max_new_tokens=6, eos_ids=[], compile=True)
+    assert len(compiles) == 1, "the same model compiled twice"
+
+    class Negated(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return -super().forward(x)
+
+    head = model.lm_head
+    negated = Negated(head.in_features, head.out_features, bias=False)
+    negated.weight = head.weight
+    model.lm_head = negated  # greedy decoding now picks the least likely token
+    eager = model.generate(ids, max_new_tokens=6, eos_ids=[])
+    after = model.generate(ids, max_new_tokens=6, eos_ids=[], compile=True)
+    assert not torch.equal(eager, before)
+    assert torch.equal(after, eager)
+    assert len(compiles) == 2
+
+
 def test_each_model_compiles_its_own_step_past_dynamos_recompile_limit(hf_checkpoint, monkeypatch):
     """An eval of many variants (or a sweep) compiles one step per model in one process. Dynamo
     counts recompiles per code object: were the models to share `static_step`'s, the one after

@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CASES, sample_ids
 
 import hubquant
 from hubquant.models.families import family_for, rope_from_hf
+from hubquant.models.layers import decode_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -57,6 +59,49 @@ def test_bf16_logits_equal_transformers_bit_for_bit(case, loaded):
     ids = sample_ids(batch=2, seq=24)
     with torch.no_grad():
         assert torch.equal(model(ids), hf(ids).logits)
+
+
+@pytest.mark.parametrize("length", [7, 80, 300])
+def test_bf16_decode_attention_is_fp32_attention_cast_back(length):
+    """One query in bf16 on the CPU: attention in fp32 over the bf16 cache, cast back (torch's bf16
+    kernel is 3-5x slower there); as exact as torch's bf16 kernel or more, against float64."""
+    gen = torch.Generator().manual_seed(length)
+    q, k, v = (
+        torch.randn(2, h, n, 16, generator=gen).bfloat16() for h, n in ((6, 1), (2, length), (2, length))
+    )
+    mask = torch.ones(2, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., : length // 3] = False  # a left-padded row
+    got = decode_attention(q, k, v, mask, 0.25, gqa=True)
+    want = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, scale=0.25, enable_gqa=True
+    )
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+    exact = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, scale=0.25, enable_gqa=True
+    )
+    torch_bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    assert (got.double() - exact).abs().mean() <= (torch_bf16.double() - exact).abs().mean()
+
+
+def test_bf16_decode_steps_use_decode_attention_and_prefill_does_not(loaded, monkeypatch):
+    """Every layer's one-query bf16 step goes through `decode_attention`; the prompt (bit for bit
+    transformers' in bf16, above) and fp32 steps keep torch's kernel in the model's dtype."""
+    import hubquant.models.layers as layers
+
+    calls: list[torch.dtype] = []
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.dtype)
+        return decode_attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(layers, "decode_attention", counting)
+    folder, _, fp32 = loaded("llama_gqa")
+    bf16, _ = hubquant.load(folder, dtype=torch.bfloat16, progress=False)
+    prompt = sample_ids(batch=1, seq=8, seed=3)
+    fp32.generate(prompt, max_new_tokens=4, eos_ids=[])
+    assert calls == []
+    bf16.generate(prompt, max_new_tokens=4, eos_ids=[])
+    assert calls == [torch.bfloat16] * (3 * bf16.config.num_layers)  # 3 steps after the prompt
 
 
 @pytest.mark.parametrize("case", CASES)

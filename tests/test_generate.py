@@ -8,7 +8,7 @@ from conftest import sample_ids
 
 import hubquant
 from hubquant.errors import HubquantError
-from hubquant.models.generate import filter_logits
+from hubquant.models.generate import _pick, filter_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -179,3 +179,14 @@ def test_generate_checks_sampling_settings_before_running(llama) -> None:
     model, _ = llama
     with pytest.raises(HubquantError, match="top_p"):
         model.generate(sample_ids(1, 4), max_new_tokens=2, do_sample=True, top_p=2.0)
+
+
+def test_greedy_pick_of_bf16_logits_is_their_argmax_ties_first() -> None:
+    """Greedy decoding picks in fp32 (faster on the CPU): the same index as bf16's own argmax,
+    the first of tied maxima included."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 49152, generator=gen) * 4).bfloat16()  # coarse: many ties
+    logits[0, 7] = logits[0, 9000] = logits[0].max() + 1  # an exact tie at the top
+    picked = _pick(logits, False, 1.0, None, None, None)
+    assert torch.equal(picked, logits.argmax(-1))
+    assert picked[0].item() == 7

@@ -102,7 +102,7 @@ class FusedView:
 
     def __init__(self, parts: list[nn.Linear]) -> None:
         self.sizes = [p.out_features for p in parts]
-        self.weight = torch.cat([p.weight.detach() for p in parts])
+        self.weight = _stacked([p.weight.detach() for p in parts])
         self.bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
         for p, w in zip(parts, self.weight.split(self.sizes), strict=True):
             p.weight = nn.Parameter(w, requires_grad=False)
@@ -136,6 +136,19 @@ class FusedView:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+def _stacked(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The weights stacked by rows, `[sum of outputs, inputs]`; fp32 on the CPU stored input-major
+    (the transpose of a contiguous `[inputs, outputs]`), the layout torch's fp32 one-row product
+    streams fastest (2 cores, SmolLM2's projections, 30 layers' worth so nothing stays in cache:
+    14.2 GB/s against 9.7 row-major; bf16 is faster row-major and stays so)."""
+    first = weights[0]
+    if first.dtype != torch.float32 or first.device.type != "cpu":
+        return torch.cat(weights)
+    stacked = torch.empty(first.shape[1], sum(w.shape[0] for w in weights), dtype=first.dtype)
+    torch.cat([w.t() for w in weights], dim=1, out=stacked)
+    return stacked.t()
 
 
 class FusedModule:

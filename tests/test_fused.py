@@ -46,6 +46,25 @@ def test_fusion_keeps_names_and_bytes(hf_checkpoint):
     )
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fp32_fused_weights_are_stored_input_major_on_the_cpu(hf_checkpoint, dtype):
+    """fp32 on the CPU: the fused tensor is the transpose of a contiguous [inputs, outputs], the
+    layout torch's fp32 one-row product streams fastest (1.4x here); bf16 stays row-major (it is
+    slower input-major). Either way each part views it with the checkpoint's shape and values."""
+    folder, hf = hf_checkpoint("llama_gqa")
+    model, _ = hubquant.load(folder, dtype=dtype, progress=False)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    layer, hf_layer = model.layers[1], hf.model.layers[1]
+    for module in (layer.attn, layer.mlp):
+        view = module.__dict__["_fused"]
+        assert view.weight.t().is_contiguous() == (dtype == "fp32")
+        assert view.weight.is_contiguous() == (dtype == "bf16")
+    pairs = [(layer.attn.q, hf_layer.self_attn.q_proj), (layer.attn.v, hf_layer.self_attn.v_proj),
+             (layer.mlp.gate, hf_layer.mlp.gate_proj), (layer.mlp.up, hf_layer.mlp.up_proj)]  # fmt: skip
+    for ours, theirs in pairs:
+        assert torch.equal(ours.weight, theirs.weight.detach().to(torch_dtype))
+
+
 def test_replacing_a_part_turns_the_fused_product_off(hf_checkpoint):
     """A quantizer (or anyone) swapping q for another module must be obeyed, not bypassed."""
     folder, _ = hf_checkpoint("llama_gqa")

@@ -195,3 +195,21 @@ def test_int4_runs_with_bf16_activations_in_an_fp32_model(wide_checkpoint, tmp_p
         a, b = fp32(ids), bf16(ids).float()
     assert "_fused" in fp32.layers[0].attn.__dict__
     assert (a - b).norm() / b.norm() < 0.05  # fp32 elsewhere vs bf16 elsewhere: close, not equal
+
+
+@pytest.mark.parametrize("method", ["int4", "int8", "fp8", "nf4"])
+def test_quantizing_input_major_fp32_weights_equals_quantizing_contiguous_ones(method, wide_checkpoint):
+    """A model loaded in fp32 on the CPU holds its fused parts as input-major views; quantizing it
+    in memory gives the same model, to the last bit, as quantizing contiguous copies."""
+    ids = sample_ids(batch=2, seq=12)
+    fused, _ = hubquant.load(wide_checkpoint, dtype="fp32", progress=False)
+    assert not fused.layers[0].attn.q.weight.is_contiguous()
+    plain, _ = hubquant.load(wide_checkpoint, dtype="fp32", progress=False)
+    unfuse_views(plain)
+    for module in plain.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(module.weight.detach().contiguous(), requires_grad=False)
+    hubquant.quantize(fused, method, progress=False)
+    hubquant.quantize(plain, method, progress=False)
+    with torch.no_grad():
+        assert torch.equal(fused(ids), plain(ids))

@@ -767,8 +767,8 @@ def report_roofline() -> list[tuple[str, bool]]:
     prompt = torch.randint(100, 40000, (1, 16), generator=torch.Generator().manual_seed(0))
     tokens = 64
     for name, folder, dtype in rows:
-        compile = True  # 10-40 s a variant here the first time; cached for the next run
-        nbytes, seconds, eager, compiled, ref_tok = _roofline_row(folder, dtype, prompt, tokens, compile)
+        # Every variant compiled: 10-40 s each here the first time, cached for the next run.
+        nbytes, seconds, eager, compiled, ref_tok = _roofline_row(folder, dtype, prompt, tokens, compile=True)
         roofline = 1 / seconds
         best = max(eager, compiled)
         ref_text = f"{ref_tok:13.1f}" if ref_tok else f"{'n/a':>13}"

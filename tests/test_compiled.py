@@ -73,23 +73,7 @@ def test_the_compiled_step_mutates_only_static_state(hf_checkpoint, monkeypatch)
     KV cache, the valid mask, the positions, the slot) is static state, as the weights are, read
     from AOTAutograd's own records of the graph (its input-mutation metadata). A cache made fresh
     per call would be a mutated graph input, and inductor would skip CUDA graphs for it."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._guards import TracingContext
-
-    import hubquant.models.compiled as compiled
-
-    records: list[tuple[set[int], set[int]]] = []
-
-    def recording(gm, example_inputs):
-        def forward(graph, inputs):
-            meta = TracingContext.get().fw_metadata
-            mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
-            records.append((mutated, set(meta.static_input_indices)))
-            return graph
-
-        return aot_module_simplified(gm, example_inputs, fw_compiler=forward)
-
-    monkeypatch.setattr(compiled, "compile_options", lambda model: {"backend": recording})
+    records = _record_forward_graphs(monkeypatch)
     folder, _ = hf_checkpoint("llama_gqa")
     model, _ = hubquant.load(folder, dtype="fp32", progress=False)
     ids = sample_ids(batch=1, seq=5)
@@ -99,7 +83,7 @@ def test_the_compiled_step_mutates_only_static_state(hf_checkpoint, monkeypatch)
     second = model.generate(ids, max_new_tokens=9, eos_ids=[], compile=True)
     assert torch.equal(first, eager) and torch.equal(second[:, : first.shape[1]], first)
     assert len(records) == 1, "the step compiled more than once"
-    mutated, static = records[0]
+    _, mutated, static = records[0]
     assert mutated, "the step writes its cache: some input must be mutated"
     assert mutated <= static, f"inputs {sorted(mutated - static)} are mutated but not static state"
     assert model.__dict__["_static_cache"][1] is cache  # the same tensors, call after call
@@ -111,22 +95,7 @@ def test_each_cache_write_is_a_one_slot_put_into_its_own_tensor(hf_checkpoint, m
     which inductor turns back into an in-place write of one slot. Written through a view of one
     all-layers tensor, or with `index_copy_`, the whole cache was copied for every layer (0.2 to
     0.7 ms a layer on SmolLM2: decode at half speed)."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._guards import TracingContext
-
-    import hubquant.models.compiled as compiled
-
-    graphs: list[tuple[torch.fx.GraphModule, list[int]]] = []
-
-    def recording(gm, example_inputs):
-        def forward(graph, inputs):
-            meta = TracingContext.get().fw_metadata
-            graphs.append((graph, [i for i, info in enumerate(meta.input_info) if info.mutates_data]))
-            return graph
-
-        return aot_module_simplified(gm, example_inputs, fw_compiler=forward)
-
-    monkeypatch.setattr(compiled, "compile_options", lambda model: {"backend": recording})
+    graphs = _record_forward_graphs(monkeypatch)
     folder, _ = hf_checkpoint("llama_gqa")
     model, _ = hubquant.load(folder, dtype="fp32", progress=False)
     ids = sample_ids(batch=1, seq=5)
@@ -134,14 +103,14 @@ def test_each_cache_write_is_a_one_slot_put_into_its_own_tensor(hf_checkpoint, m
         model.generate(ids, max_new_tokens=4, eos_ids=[], compile=True),
         model.generate(ids, max_new_tokens=4, eos_ids=[]),
     )
-    graph, mutated = graphs[0]
+    graph, mutated, _ = graphs[0]
     nodes = list(graph.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     outputs = next(n for n in nodes if n.op == "output").args[0]  # mutated inputs' values first
     cache = model.__dict__["_static_cache"][1]
     shape = tuple(cache.k[0].shape)
     puts = 0
-    for index, value in zip(mutated, outputs, strict=False):
+    for index, value in zip(sorted(mutated), outputs, strict=False):
         if tuple(inputs[index].meta["val"].shape) == shape:
             assert value.target is torch.ops.aten.index_put.default, value.target
             assert value.args[0] is inputs[index], "the put is not into the cache tensor itself"
@@ -208,6 +177,30 @@ def test_cpu_runtime_quantized_products_compile_into_the_one_step(hf_checkpoint,
         first = model.generate(ids, max_new_tokens=6, eos_ids=[], compile=True)
     assert torch.equal(first, eager)
     assert len(graphs) == 1, f"the step compiled as {len(graphs)} graphs"
+
+
+def _record_forward_graphs(monkeypatch) -> list[tuple[torch.fx.GraphModule, set[int], set[int]]]:
+    """Swap the step's backend for AOTAutograd with a recording forward compiler: per graph
+    compiled, the functional forward graph (run as traced), the indices of the inputs it mutates,
+    and those of its static inputs, from AOTAutograd's own metadata."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._guards import TracingContext
+
+    import hubquant.models.compiled as compiled
+
+    records: list[tuple[torch.fx.GraphModule, set[int], set[int]]] = []
+
+    def recording(gm, example_inputs):
+        def forward(graph, inputs):
+            meta = TracingContext.get().fw_metadata
+            mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
+            records.append((graph, mutated, set(meta.static_input_indices)))
+            return graph
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward)
+
+    monkeypatch.setattr(compiled, "compile_options", lambda model: {"backend": recording})
+    return records
 
 
 def _count_compiles(monkeypatch) -> list[int]:

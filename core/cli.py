@@ -178,7 +178,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> None:
     if args.force and not args.out:
         raise HubquantError("--force replaces an existing --out folder; it needs --out")
-    options = dict(group_size=args.group_size, hqq=args.hqq, include_head=args.include_head)
+    options = dict(group_size=args.group_size, hqq=args.hqq, include_head=args.include_head, head=args.head)
     calibrated = get_method(args.method).calibrated
     if calibrated and not args.out:
         raise HubquantError(f"{args.method} calibrates layer by layer while writing; add --out DIR")
@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--hqq", action="store_true", help="int4: choose scales with HQQ's parameter search")
     quant.add_argument("--include-head", action="store_true", help="also quantize the output head")
+    quant.add_argument("--head", default=None, choices=method_names(), metavar="METHOD",
+                       help="quantize the output head with METHOD (int8 beside int4 layers, as llama.cpp's "
+                       "4-bit files keep an 8-bit head); torchao methods only")  # fmt: skip
     quant.add_argument("--act-order", action="store_true",
                        help="int4-gptq: round columns by decreasing activation (groups stay static)")  # fmt: skip
     quant.add_argument("--calib-dataset", default=None,

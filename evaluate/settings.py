@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubquantError
-from hubquant.quantize.registry import default_variants, method_class, method_names, parse_variant
+from hubquant.quantize.registry import default_variants, get_method, method_names, parse_variant
 
 DEFAULT_MAX_KLD = 0.05
 DEFAULT_MIN_TOP1 = 0.90
@@ -168,9 +168,9 @@ def check_variants(variants: Sequence[str]) -> None:
                 raise HubquantError(f"variant {v}: GGUF file {path} not found; check the path")
             continue
         if v.split(":")[0] in method_names():
-            name, options = parse_variant(v)  # options after the method: gN, hqq, act
+            name, options = parse_variant(v)  # options after the method: gN, hqq, act, head-M
             if options:
-                method_class(name)(**options)  # the method checks their values (one line)
+                get_method(name, **options)  # the method checks their values (one line)
             continue
         known = ", ".join(("base", *method_names(), "gguf:PATH"))
         raise HubquantError(

@@ -12,12 +12,15 @@ Methods are marked with `@register_method`; `registry.py` finds them in this fol
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+# The output head's canonical module name (a decoder's `lm_head`, an encoder's masked-LM decoder).
+HEAD = "lm_head"
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -96,6 +99,8 @@ class Method(ABC):
     calibrated: ClassVar[bool] = False
     sequential: ClassVar[bool] = False
     keeps_inputs: ClassVar[bool] = False
+    # Quantizes the output head whether or not `include_head` is asked (a separate head method).
+    quantizes_head: ClassVar[bool] = False
 
     @property
     @abstractmethod
@@ -159,13 +164,18 @@ class Method(ABC):
 
     @abstractmethod
     def hf_quantization_config(
-        self, not_converted: list[str], *, head_quantized: bool | None = None
+        self,
+        not_converted: list[str],
+        *,
+        head_quantized: bool | None = None,
+        quantized: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """config.json's `quantization_config`, as transformers writes it for this method;
         `not_converted` lists the Hub module names of every Linear left in the base dtype (the
-        head among them unless it was quantized; an encoder's pooler and heads), and
+        head among them unless it was quantized; an encoder's pooler and heads),
         `head_quantized` says whether the output head was quantized (None: whether `lm_head`,
-        a decoder's head, is absent from `not_converted`)."""
+        a decoder's head, is absent from `not_converted`), and `quantized` maps the Hub name of
+        every quantized module to its canonical name (what a per-module config names)."""
 
     @classmethod
     @abstractmethod

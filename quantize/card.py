@@ -744,6 +744,8 @@ def render_card(
     meta.update(_license(base_model, source_folder))
     meta["tags"] = tags
     pipeline_tag, kept, head = _task(base_config, head_quantized)
+    if head_quantized and data["settings"].get("head"):  # `--head int8`: its own method
+        head = f"quantized with {data['settings']['head']} (the projections with {data['method']})"
     meta["pipeline_tag"] = pipeline_tag
     model_id = repo_id if repo_id and is_repo_id(repo_id) else None
     index = (
@@ -760,7 +762,7 @@ def render_card(
         *(
             [key, "default" if value is None else value]
             for key, value in data["settings"].items()
-            if key != "calibration"
+            if key not in ("calibration", "head")  # the head's method is its own row
         ),
         ["quantized layers", f"{len(layers) - len(skipped)} of {len(layers)}"],
         ["output head", head],
@@ -797,7 +799,9 @@ def render_card(
             command += ["--group-size", str(settings["group_size"])]
         if settings.get("hqq") is True:
             command.append("--hqq")
-        if head_quantized:
+        if settings.get("head"):
+            command += ["--head", str(settings["head"])]
+        elif head_quantized:
             command.append("--include-head")
         command += ["--out", (model_id or f"{hub_id}-{data['method']}").split("/")[-1]]
         # Only Hub ids and settings reach the shell line; backticks could still close the fence.

@@ -44,14 +44,13 @@ from hubquant.models.layers import fuse_projections, unfuse_views
 if TYPE_CHECKING:
     from hubquant.models.checkpoint import Checkpoint
 
-from .base import LayerRecord, Method, QuantReport, tensor_bytes
+from .base import HEAD, LayerRecord, Method, QuantReport, tensor_bytes
 from .calibration import CalibrationSettings, LayerCalibration, calibration_ids, return_freed_memory
 from .card import write_card
 from .registry import get_method, method_class, parse_variant
 
 # Projections of a layer (decoder or encoder), by canonical module name; all of them are quantized.
 PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
-HEAD = "lm_head"
 
 
 @dataclass
@@ -140,6 +139,7 @@ def quantize(
     group_size: int | None = None,
     hqq: bool = False,
     include_head: bool = False,
+    head: str | None = None,
     progress: bool = True,
 ) -> QuantReport:
     """Quantize a model from `hubquant.load` in place, one layer at a time.
@@ -155,6 +155,9 @@ def quantize(
         include_head: also quantize the output head (a decoder's `lm_head`, an encoder's masked-LM
             decoder), untied from the embeddings if tied. An encoder's pooler, masked-LM transform
             and next-sentence head always stay in the base dtype.
+        head: quantize the output head with this method instead ("int8" beside int4 layers, as
+            llama.cpp's 4-bit files keep an 8-bit head); implies include_head. Both methods must
+            be torchao's.
         progress: show a progress bar.
 
     Returns:
@@ -169,11 +172,8 @@ def quantize(
     if getattr(model, "quant_report", None) is not None:
         done = model.quant_report.method
         raise HubquantError(f"the model is already quantized ({done}); quantize its base model instead")
-    if isinstance(method, str):
-        settings = {"group_size": group_size, "hqq": hqq} if method == "int4" else {}
-        if method != "int4" and (group_size is not None or hqq):
-            raise HubquantError(f"--group-size and --hqq apply to int4 only, not to {method}")
-        method = get_method(method, **settings)
+    method = _configured(method, group_size, hqq, head)
+    include_head = include_head or method.quantizes_head
     _check_head(model, include_head)
 
     report = new_report(method)
@@ -207,6 +207,7 @@ def quantize_checkpoint(
     group_size: int | None = None,
     hqq: bool = False,
     include_head: bool = False,
+    head: str | None = None,
     dtype: str | torch.dtype = "bf16",
     revision: str | None = None,
     force: bool = False,
@@ -224,8 +225,9 @@ def quantize_checkpoint(
     Args:
         source: a Hub repo id, a local Hub-layout folder or a `Checkpoint`, as for `hubquant.load`.
         out: the output folder (built beside itself, renamed into place when complete).
-        method, group_size, hqq, include_head: as for `quantize`; `method` may carry settings as
-            `--variants` names them ("int4:g64", "int4-gptq:g64:act"). The folder holds the same
+        method, group_size, hqq, include_head, head: as for `quantize`; `method` may carry
+            settings as `--variants` names them ("int4:g64", "int4-gptq:g64:act",
+            "int4:head-int8"). The folder holds the same
             tensors as the source (tied ones once), the quantized projections in the method's
             layout, everything else in `dtype`.
         dtype: the base dtype of everything not quantized (and of int4's scales).
@@ -251,7 +253,8 @@ def quantize_checkpoint(
     on = _quantize_device(device, device_map)
     out = Path(out).expanduser().absolute()
     check_out(out, force)
-    quantizer = _configured(method, group_size, hqq)
+    quantizer = _configured(method, group_size, hqq, head)
+    include_head = include_head or quantizer.quantizes_head
     checkpoint = Checkpoint.resolve(source, revision)
     folder, hf_config, family = checkpoint.folder, checkpoint.config, checkpoint.family
     source = checkpoint.source or folder
@@ -280,14 +283,21 @@ def quantize_checkpoint(
     return out, report
 
 
-def _configured(method: str | Method, group_size: int | None, hqq: bool) -> Method:
+def _configured(method: str | Method, group_size: int | None, hqq: bool, head: str | None = None) -> Method:
     """The method with its settings: from a variant name ("int4:g64") and the explicit ones."""
     if not isinstance(method, str):
+        if group_size is not None or hqq or head is not None:
+            raise HubquantError("give a configured method its settings itself, not group_size, hqq or head")
         return method
     name, settings = parse_variant(method)
     explicit = {k: v for k, v in (("group_size", group_size), ("hqq", hqq)) if v not in (None, False)}
     if explicit and "group_size" not in inspect.signature(method_class(name)).parameters:
         raise HubquantError(f"--group-size and --hqq apply to int4 only, not to {name}")
+    if head is not None:
+        if "head" in settings and settings["head"] != head:
+            raise HubquantError(f"{method} names its head method and --head names {head}; give one")
+        parse_variant(f"{name}:head-{head}")  # an unknown method is a one-line error
+        settings["head"] = head
     return get_method(name, **{**settings, **explicit})
 
 
@@ -571,13 +581,15 @@ def _write_metadata(
     # was quantized, an encoder's pooler / MLM transform / NSP head. transformers (torchao's
     # `modules_to_not_convert`, bitsandbytes' `llm_int8_skip_modules`) then loads them as plain
     # Linears instead of expecting quantized tensors for them.
-    quantized = {r.name for r in report.layers if not r.skipped}
+    quantized = dict.fromkeys(
+        r.name for r in report.layers if not r.skipped
+    )  # ordered: config.json is stable
     not_converted = [hub_module(family, n) for n in linear_names(streamer.model) if n not in quantized]
     head_quantized = HEAD in quantized
     dtype_name = str(dtype).removeprefix("torch.")
     config = {**hf_config, "dtype": dtype_name, "torch_dtype": dtype_name}
     config["quantization_config"] = method.hf_quantization_config(
-        not_converted, head_quantized=head_quantized
+        not_converted, head_quantized=head_quantized, quantized={hub_module(family, n): n for n in quantized}
     )
     if head_quantized:
         config["tie_word_embeddings"] = False  # the quantized head is its own tensor now

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -327,7 +328,11 @@ class NF4(Method):
         return {k for k in wanted if k in keys}
 
     def hf_quantization_config(
-        self, not_converted: list[str], *, head_quantized: bool | None = None
+        self,
+        not_converted: list[str],
+        *,
+        head_quantized: bool | None = None,
+        quantized: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...).to_dict()`,
         built without importing transformers (transformers 5's field order).

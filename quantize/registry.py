@@ -83,12 +83,13 @@ def default_variants() -> tuple[str, ...]:
     return ("base", *(name for name, info in methods().items() if info.default_eval))
 
 
-VARIANT_OPTIONS = "gN (group size N), hqq, act (activation order)"
+VARIANT_OPTIONS = "gN (group size N), hqq, act (activation order), head-METHOD (the output head in METHOD)"
 
 
 def parse_variant(variant: str) -> tuple[str, dict[str, Any]]:
     """A variant name as `--variants` and sweeps take it: a method, then settings after colons:
-    `int4`, `int4:g64` (group size 64), `int4:hqq`, `int4-gptq:g64:act` (activation order).
+    `int4`, `int4:g64` (group size 64), `int4:hqq`, `int4-gptq:g64:act` (activation order),
+    `int4:head-int8` (the output head quantized with int8, the projections with int4).
 
     Returns:
         (the method's name, its settings by keyword).
@@ -104,6 +105,13 @@ def parse_variant(variant: str) -> tuple[str, dict[str, Any]]:
     for option in options:
         if option[:1] == "g" and option[1:].isdigit():
             settings["group_size"] = int(option[1:])
+        elif option.startswith("head-") and "head" not in settings:
+            if option[5:] not in methods():
+                known = ", ".join(method_names())
+                raise HubquantError(
+                    f"variant '{variant}': head method '{option[5:]}' is unknown; use one of {known}"
+                )
+            settings["head"] = option[5:]
         elif option in ("hqq", "act"):
             settings["hqq" if option == "hqq" else "act_order"] = True
         else:
@@ -131,12 +139,18 @@ def method_class(name: str) -> type[Method]:
 
 
 def get_method(name: str, **settings: Any) -> Method:
-    """The method `name`, configured with `settings` (group_size, hqq...).
+    """The method `name`, configured with `settings` (group_size, hqq...); `head="int8"` pairs it
+    with another method for the output head (`quantize/mixed.py`).
 
     Raises:
         HubquantError: for an unknown name or settings the method refuses.
     """
-    return method_class(name)(**settings)
+    head = settings.pop("head", None)
+    method = method_class(name)(**settings)
+    if head is None:
+        return method
+    # Imported by name, as method_class imports the methods: the pairing needs torch and torchao.
+    return importlib.import_module(f"{__package__}.mixed").WithHead(method, get_method(head))
 
 
 def method_from_hf_config(quantization_config: dict[str, Any]) -> Method:
@@ -145,6 +159,12 @@ def method_from_hf_config(quantization_config: dict[str, Any]) -> Method:
     Raises:
         HubquantError: for a quantization hubquant does not read.
     """
+    parts = importlib.import_module(f"{__package__}.mixed").fqn_parts(quantization_config)
+    if parts is not None:  # one method for the projections, another for the head
+        body, head = (
+            method_from_hf_config({**quantization_config, "quant_type": {"default": p}}) for p in parts
+        )
+        return importlib.import_module(f"{__package__}.mixed").WithHead(body, head)
     for name in methods():
         method = method_class(name).from_hf_config(quantization_config)
         if method is not None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import json
 import warnings
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +45,7 @@ from torch import nn
 from hubquant.errors import HubquantError
 from hubquant.models.compiled import compile_cache_dir
 
-from .base import Method, fused_linear, register_method, tensor_bytes
+from .base import HEAD, Method, fused_linear, register_method, tensor_bytes
 
 # Group sizes int4 accepts; a layer whose input width the requested size does not divide falls
 # back to the largest smaller one that does.
@@ -54,7 +55,6 @@ DEFAULT_GROUP_SIZE = 128
 # refuses other widths), so such layers are not quantized at all: a saved layer that cannot run
 # fast anywhere would defeat the point of int4.
 OUT_MULTIPLE = 16
-HEAD = "lm_head"
 # Rows of the dummy weight quantized to learn a layer's safetensors metadata before any real
 # weight is read (the metadata does not depend on the row count).
 _DUMMY_ROWS = OUT_MULTIPLE
@@ -241,7 +241,11 @@ class _TorchaoMethod(Method):
         return mine
 
     def hf_quantization_config(
-        self, not_converted: list[str], *, head_quantized: bool | None = None
+        self,
+        not_converted: list[str],
+        *,
+        head_quantized: bool | None = None,
+        quantized: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """`TorchAoConfig(quant_type=config, modules_to_not_convert=..., include_input_output_
         embeddings=...).to_dict()`, built from torchao's serializer without transformers.

@@ -380,7 +380,7 @@ def child_quantize(source: str, out: str, method: str) -> None:
 
 
 def run_quantize(source: Path, method: str) -> tuple[Path, dict[str, float]]:
-    out = CACHE / f"{source.name}-{method}"
+    out = CACHE / f"{source.name}-{method.replace(':', '_')}"
     done = subprocess.run(
         [sys.executable, __file__, "--child-quantize", str(source), str(out), method],
         capture_output=True,
@@ -754,14 +754,15 @@ def report_roofline() -> list[tuple[str, bool]]:
           "head included, median of 5); decode: 64 greedy tokens after a 16-token prompt, batch 1, median of 3 "
           "interleaved runs; compiled: the same with generate(compile=True), compiled in the warm-up")  # fmt: skip
     rows = [("fp32", smollm, "fp32"), ("bf16", smollm, "bf16")]
-    # int4 with its head quantized too (--include-head): llama.cpp's Q4_1 file keeps its (tied) head
-    # in Q8_0, 30 MB a token, between int4's bf16 head (57 MB) and an int4 head (16 MB).
-    for method in (*METHODS, "int4+head"):
-        folder = CACHE / f"{smollm.name}-{method}"
+    # int4 with its head quantized too: llama.cpp's Q4_1 file keeps its (tied) head in Q8_0, 30 MB a
+    # token, between int4's bf16 head (57 MB) and an int4 head (16 MB, --include-head). int4 layers
+    # with an int8 head (--head int8) are llama.cpp's own composition.
+    for method in (*METHODS, "int4+head", "int4:head-int8"):
+        folder = CACHE / f"{smollm.name}-{method.replace(':', '_')}"
         if not (folder / "config.json").is_file():
             folder, _ = run_quantize(smollm, method)
         rows.append((method, folder, "bf16"))
-    print(f"{'variant':8} {'MB/token':>9} {'GEMV GB/s':>10} {'roofline':>9} {'eager':>7} {'share':>6} "
+    print(f"{'variant':14} {'MB/token':>9} {'GEMV GB/s':>10} {'roofline':>9} {'eager':>7} {'share':>6} "
           f"{'compiled':>9} {'share':>6} {'transformers':>13} {'eager/tf':>9}")  # fmt: skip
     verdicts = []
     prompt = torch.randint(100, 40000, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -774,13 +775,13 @@ def report_roofline() -> list[tuple[str, bool]]:
         ref_text = f"{ref_tok:13.1f}" if ref_tok else f"{'n/a':>13}"
         ratio = f"{eager / ref_tok:8.2f}x" if ref_tok else f"{'n/a':>9}"
         comp_text = f"{compiled:9.1f} {compiled / roofline:6.0%}" if compiled else f"{'—':>9} {'—':>6}"
-        print(f"{name:8} {nbytes / 1e6:9.1f} {nbytes / seconds / 1e9:10.1f} {roofline:9.1f} {eager:7.1f} "
+        print(f"{name:14} {nbytes / 1e6:9.1f} {nbytes / seconds / 1e9:10.1f} {roofline:9.1f} {eager:7.1f} "
               f"{eager / roofline:6.0%} {comp_text} {ref_text} {ratio}")  # fmt: skip
         if name in ("fp32", "bf16"):
             verdicts.append((f"{name} decode >= 85% of its roofline", best >= 0.85 * roofline))
         if ref_tok:
             verdicts.append((f"{name} decode >= 1.2x transformers (same folder)", best >= 1.2 * ref_tok))
-    folders = {name: folder for name, folder, _ in rows if name in ("int4", "int4+head")}
+    folders = {name: folder for name, folder, _ in rows if name in ("int4", "int4+head", "int4:head-int8")}
     rates = int4_against_llama_cpp(folders)
     if not rates:
         print(
@@ -794,6 +795,12 @@ def report_roofline() -> list[tuple[str, bool]]:
         if "int4+head" in rates:
             print(f"  int4 with its head quantized too (--include-head; llama.cpp's head is Q8_0): "
                   f"{rates['int4+head']:.1f} tok/s = {rates['int4+head'] / tg:.2f}x (not the target's variant)")  # fmt: skip
+        if "int4:head-int8" in rates:
+            print(f"  int4 layers with an int8 head (--head int8; llama.cpp's Q4_1 file: Q4_1 layers, a Q8_0 head): "
+                  f"{rates['int4:head-int8']:.1f} tok/s = {rates['int4:head-int8'] / tg:.2f}x")  # fmt: skip
+            verdicts.append(
+                ("int4:head-int8 decode >= 0.75x llama.cpp Q4_1", rates["int4:head-int8"] >= 0.75 * tg)
+            )
         verdicts.append(("int4 decode >= 0.75x llama.cpp Q4_1", rates["int4"] >= 0.75 * tg))
     return verdicts
 

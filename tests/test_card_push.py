@@ -597,7 +597,7 @@ def test_quantize_command_with_out(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(core, "quantize_checkpoint", fake)
     argv = ["quantize", BASE, "--method", "int4", "--group-size", "64", "--hqq", "--out", str(tmp_path / "q")]
-    assert main([*argv, "--force", "--revision", "v1", "--dtype", "fp32"]) == 0
+    assert main([*argv, "--force", "--revision", "v1", "--dtype", "fp32", "--head", "int8"]) == 0
     assert seen == dict(
         source=BASE,
         out=str(tmp_path / "q"),
@@ -605,6 +605,7 @@ def test_quantize_command_with_out(monkeypatch, capsys, tmp_path):
         group_size=64,
         hqq=True,
         include_head=False,
+        head="int8",
         dtype="fp32",
         revision="v1",
         force=True,
@@ -631,7 +632,7 @@ def test_quantize_command_in_memory(monkeypatch, capsys):
     monkeypatch.setattr(core, "quantize", fake_quantize)
     assert main(["quantize", BASE, "--method", "nf4", "--include-head"]) == 0
     assert seen["load"] == (BASE, {"revision": None, "dtype": "bf16", "device": "cpu"})
-    assert seen["quantize"] == ("nf4", {"group_size": None, "hqq": False, "include_head": True})
+    assert seen["quantize"] == ("nf4", {"group_size": None, "hqq": False, "include_head": True, "head": None})
     out = capsys.readouterr().out
     assert "skipped layers.0.attn.k" in out and "nothing written" in out
 

@@ -484,6 +484,9 @@ def variants(hf_checkpoint, tmp_path_factory) -> dict[tuple[str, str], dict[str,
     for case in ("llama_gqa", "llama_bias_tied"):
         folder, _ = hf_checkpoint(case)
         made[(case, "int8-head")] = _variant(folder, tmp / f"{case}-head", "int8", ids, include_head=True)
+    for case in ("llama_gqa", "llama_bias_tied"):  # int4 layers, an int8 head (`--head int8`)
+        folder, _ = hf_checkpoint(case)
+        made[(case, "int4-head8")] = _variant(folder, tmp / f"{case}-head8", "int4", ids, head="int8")
     made[("phi_partial", "int4-hqq")] = _variant(
         hf_checkpoint("phi_partial")[0], tmp / "phi-hqq", "int4", ids, group_size=32, hqq=True
     )
@@ -621,6 +624,77 @@ def test_include_head_quantizes_the_head(variants, case):
     config = json.loads((v["out"] / "config.json").read_text())
     assert config["quantization_config"]["include_input_output_embeddings"] is True
     assert config["quantization_config"]["modules_to_not_convert"] is None
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "llama_bias_tied"])
+def test_an_int8_head_beside_int4_layers(variants, transformers_logits, case):
+    """`--head int8`: the projections int4, the head int8 (untied when tied), in one torchao
+    folder that hubquant and transformers load to the logits of the model quantized in memory."""
+    import re
+
+    from hubquant.quantize.registry import get_method
+
+    v = variants[(case, "int4-head8")]
+    for model in (v["model"], v["reloaded_model"]):
+        assert type(model.lm_head.weight).__name__ == "Int8Tensor"
+        assert type(model.layers[0].mlp.down.weight).__name__ == "Int4OpaqueTensor"
+    assert torch.equal(v["reloaded"], v["memory"])
+    assert rel(v["memory"], v["base"]) < LOGIT_BOUND["int4"]
+    # An 8-bit head adds little to the layers' int4 error: within a tenth of int4's own.
+    plain = rel(variants[("llama_gqa", "int4")]["memory"], variants[("llama_gqa", "int4")]["base"])
+    if case == "llama_gqa":
+        assert abs(rel(v["memory"], v["base"]) - plain) < 0.1 * plain
+    hf, kinds = transformers_logits[f"{case}|int4-head8"]
+    assert {"Int8Tensor", "IntxUnpackedToInt8Tensor"} <= set(kinds)
+    assert rel(hf, v["reloaded"]) <= HF_BOUND["int4"]
+    # The report and the config say which method made what.
+    report = v["saved_report"]
+    assert report.method == "int4" and report.settings["head"] == "int8"
+    by_name = {r.name: r for r in report.layers}
+    assert by_name["lm_head"].settings == {"method": "int8"}
+    assert all("method" not in r.settings for n, r in by_name.items() if n != "lm_head")
+    config = json.loads((v["out"] / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    quant = config["quantization_config"]
+    assert quant["include_input_output_embeddings"] is True
+    entries = quant["quant_type"]["default"]["_data"]["fqn_to_config"]
+    assert entries["lm_head"]["_type"] == "Int8WeightOnlyConfig"
+    (regex,) = [k for k in entries if k.startswith("re:")]
+    assert entries[regex]["_type"] == "IntxWeightOnlyConfig"
+    index = json.loads((v["out"] / "model.safetensors.index.json").read_text())["weight_map"]
+    modules = {k.split("._weight_")[0] for k in index if "._weight_" in k}
+    assert {m for m in modules if re.fullmatch(regex[3:], m)} == modules - {"lm_head"}
+    assert not re.fullmatch(regex[3:], "model.embed_tokens") and not re.fullmatch(regex[3:], "lm_head")
+    card = (v["out"] / "README.md").read_text()
+    assert "| output head | quantized with int8 (the projections with int4) |" in card
+    assert "| method=int8 | 1 |" in card  # the head's row among the per-layer settings
+    # Disk bytes: each module's bytes are its own method's format.
+    method = get_method("int4", head="int8")  # each layer's record carries its own settings
+    theory = sum(method.theoretical_bytes(r.shape, r.settings) for r in report.layers if not r.skipped)
+    assert abs(sum(r.disk_bytes for r in report.layers) - theory) <= 0.05 * theory
+
+
+def test_a_separate_head_method_is_checked(hf_checkpoint, tmp_path: Path):
+    """A head method needs torchao on both sides and another method than the projections'; the
+    variant syntax and `head=` say the same; nothing is written on refusal."""
+    from hubquant.quantize.registry import get_method, parse_variant
+
+    assert parse_variant("int4:g64:head-int8") == ("int4", {"group_size": 64, "head": "int8"})
+    assert get_method("int4", head="fp8").settings == {"group_size": 128, "hqq": False, "head": "fp8"}
+    folder, _ = hf_checkpoint("llama_gqa")
+    out = tmp_path / "out"
+    for method, head, message in [
+        ("nf4", "int8", "torchao methods on both sides"),
+        ("int4", "nf4", "torchao methods on both sides"),
+        ("int4", "int4", "use --include-head instead"),
+        ("int4:head-int8", "fp8", "give one"),
+        ("int4", "int9", "head method 'int9' is unknown"),
+    ]:
+        with pytest.raises(HubquantError, match=message):
+            quantize_checkpoint(folder, out, method, head=head, progress=False)
+        assert not out.exists()
+    with pytest.raises(HubquantError, match="head method 'q' is unknown"):
+        parse_variant("int8:head-q")
 
 
 def test_every_shard_carries_the_whole_checkpoints_metadata(variants):

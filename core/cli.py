@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("model", nargs="?", default=None, help="Hub repo id or folder; empty: embedded default")
     ev.add_argument("--variants", default=None,
-                    help=f"comma-separated: base,{','.join(method_names())},gguf:PATH "
+                    help=f"comma-separated: base,{','.join(method_names())},gguf:PATH, a method with settings "
+                    f"after colons (int4:g64, int4:head-int8: an int8 output head) "
                     f"(default {','.join(default_variants())})")  # fmt: skip
     ev.add_argument("--task", default=None,
                     help="evaluation task: causal-lm, masked-lm, embedding (default: picked by the model)")  # fmt: skip

@@ -52,7 +52,7 @@ COMMON = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-METHODS = ("int4", "int8", "fp8", "nf4")
+METHODS = ("int4", "int8", "fp8", "nf4", "int4:head-int8")  # the last: int4 layers, an int8 head
 NOISE = 0.05
 SEQ = 48  # crosses the llama3 bands: their original context is set to 16 below
 NEW_TOKENS = 16

@@ -118,12 +118,21 @@ def _resolve(name: str, path: Path, known: dict[str, Path], node: ast.Import | a
     return targets
 
 
+# Parts of a third-party package that importing the package leaves unloaded and that take long to
+# load on their own: each counts as a package of its own (inductor: a second, on first use only).
+HEAVY_SUBPACKAGES = ("torch._inductor",)
+
+
 def _nearest(dotted: str, known: dict[str, Path]) -> str:
-    """An internal module by its longest known prefix, or an external one by its top-level name."""
+    """An internal module by its longest known prefix, or an external one by its top-level name
+    (or its heavy subpackage's name)."""
     parts = dotted.split(".")
     for end in range(len(parts), 0, -1):
         if ".".join(parts[:end]) in known:
             return ".".join(parts[:end])
+    for heavy in HEAVY_SUBPACKAGES:
+        if dotted == heavy or dotted.startswith(heavy + "."):
+            return heavy
     return parts[0]
 
 

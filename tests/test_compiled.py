@@ -61,6 +61,61 @@ def test_compiled_generation_equals_eager(gemma):
     assert torch.equal(longer[:, : eager.shape[1]], eager)
 
 
+def _library_calls(code: str) -> list[str]:
+    return [
+        line.strip()
+        for line in code.splitlines()
+        if "extern_kernels.mm(" in line or "extern_kernels.addmm(" in line
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_one_row_products_compile_to_a_generated_reduction(dtype):
+    """`RowProducts`, the CPU step's inductor pass: a one-row product (with and without bias, the
+    weight stored either way round) compiles to a generated kernel with no library product, and
+    its values are the library's up to the order of the sums (rounded once); two rows keep the
+    library product."""
+    import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
+
+    from hubquant.models.compiled import row_products
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 96, generator=gen).to(dtype)
+    bias = torch.randn(300, generator=gen).to(dtype)
+    eps = torch.finfo(dtype).eps
+    for stored in (weight, weight.t().contiguous().t()):  # row-major; input-major (fp32 fused)
+        for b in (None, bias):
+            for rows in (1, 2):
+                x = torch.randn(rows, 96, generator=gen).to(dtype)
+                torch._dynamo.reset()
+                step = torch.compile(
+                    lambda x, w=stored, b=b: F.linear(x, w, b),
+                    options={"post_grad_custom_post_pass": row_products()()},
+                )
+                out, code = run_and_get_code(step, x)
+                exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+                # One rounding to the dtype, plus fp32 summation's worst case over 96 terms.
+                terms = F.linear(x.double().abs(), weight.double().abs())
+                bound = eps * exact.abs().max() + 96 * torch.finfo(torch.float32).eps * terms.max()
+                assert (out.double() - exact).abs().max() <= bound
+                assert bool(_library_calls(code[0])) == (rows == 2), code[0]
+
+
+def test_a_batch_of_one_compiles_with_no_library_product_and_decodes_the_eager_tokens(gemma):
+    """The real compiled step (inductor, the CPU's options) of a one-row decode: every projection
+    and the head run as generated kernels, and greedy decoding gives the eager tokens."""
+    from torch._inductor.utils import run_and_get_code
+
+    ids = sample_ids(batch=1, seq=6)
+    eager = gemma.generate(ids, max_new_tokens=10, eos_ids=[])
+    gemma.__dict__.pop("_compiled_step", None)
+    torch._dynamo.reset()
+    compiled, code = run_and_get_code(gemma.generate, ids, max_new_tokens=10, eos_ids=[], compile=True)
+    assert torch.equal(eager, compiled)
+    assert code and not any(_library_calls(c) for c in code), [_library_calls(c) for c in code]
+
+
 def test_compile_refuses_dynamic_rope(hf_checkpoint):
     folder, _ = hf_checkpoint("llama_dynamic")
     model, _ = hubquant.load(folder, dtype="fp32", progress=False)

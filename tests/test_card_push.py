@@ -142,6 +142,23 @@ def test_card_settings_sizes_and_usage(quantized):
     assert "## Evaluation" not in text  # no results given
 
 
+def test_card_of_a_head_with_its_own_method(tmp_path, source):
+    """`--head int8`: the card says how the head was quantized, the settings table does not
+    repeat it, and the command that reproduces the folder names `--head int8`."""
+    report = make_report()
+    report.settings["head"] = "int8"
+    report.layers.append(
+        LayerRecord("lm_head", (49152, 576), {"method": "int8"}, None, 49152 * 578, 28_400_000)
+    )
+    folder = tmp_path / "head"
+    folder.mkdir()
+    write_card(folder, base_model=BASE, base_config=BASE_CONFIG, report=report, source_folder=source)
+    text = (folder / "README.md").read_text()
+    assert "| output head | quantized with int8 (the projections with int4) |" in text
+    assert "| head |" not in text and "| method=int8 | 1 |" in text
+    assert "--method int4 --group-size 128 --head int8 --out" in text and "--include-head" not in text
+
+
 def test_skipped_layers_table(quantized, tmp_path):
     text = (quantized / "README.md").read_text()
     section = text.split("## Skipped layers", 1)[1].split("\n## ", 1)[0]

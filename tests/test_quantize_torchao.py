@@ -695,6 +695,11 @@ def test_a_separate_head_method_is_checked(hf_checkpoint, tmp_path: Path):
         assert not out.exists()
     with pytest.raises(HubquantError, match="head method 'q' is unknown"):
         parse_variant("int8:head-q")
+    from hubquant.evaluate.settings import check_variants
+
+    check_variants(["base", "int4:head-int8", "int4-gptq:g64:head-int8"])
+    with pytest.raises(HubquantError, match="torchao methods on both sides"):
+        check_variants(["base", "int4:head-nf4"])  # refused before anything is made
 
 
 def test_every_shard_carries_the_whole_checkpoints_metadata(variants):

@@ -581,9 +581,8 @@ def _write_metadata(
     # was quantized, an encoder's pooler / MLM transform / NSP head. transformers (torchao's
     # `modules_to_not_convert`, bitsandbytes' `llm_int8_skip_modules`) then loads them as plain
     # Linears instead of expecting quantized tensors for them.
-    quantized = dict.fromkeys(
-        r.name for r in report.layers if not r.skipped
-    )  # ordered: config.json is stable
+    # In the report's order (a dict, not a set), so that config.json is the same on every run.
+    quantized = dict.fromkeys(r.name for r in report.layers if not r.skipped)
     not_converted = [hub_module(family, n) for n in linear_names(streamer.model) if n not in quantized]
     head_quantized = HEAD in quantized
     dtype_name = str(dtype).removeprefix("torch.")

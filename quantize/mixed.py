@@ -204,11 +204,15 @@ def fqn_parts(quantization_config: dict[str, Any]) -> tuple[dict[str, Any], dict
         return None
     data = default.get("_data") if isinstance(default.get("_data"), dict) else {}
     entries = data.get("fqn_to_config") or data.get("module_fqn_to_config") or {}
-    regex = [v for k, v in entries.items() if isinstance(k, str) and k.startswith("re:")]
-    named = [v for k, v in entries.items() if isinstance(k, str) and not k.startswith("re:")]
-    if len(regex) != 1 or len(named) != 1 or not all(isinstance(v, dict) for v in (*regex, *named)):
+    # The projections: one regex (what hubquant writes) or torchao's `_default` (what a
+    # `FqnToConfig({"_default": ..., "lm_head": ...})` made with torchao directly holds).
+    body = [v for k, v in entries.items() if isinstance(k, str) and (k.startswith("re:") or k == "_default")]
+    named = [
+        v for k, v in entries.items() if isinstance(k, str) and not k.startswith("re:") and k != "_default"
+    ]
+    if len(body) != 1 or len(named) != 1 or not all(isinstance(v, dict) for v in (*body, *named)):
         raise HubquantError(
-            "config.json's torchao FqnToConfig is not one hubquant writes (one config for the head, "
-            "one regex for the projections); re-create the variant with hubquant"
+            "config.json's torchao FqnToConfig is not one hubquant reads (one config for the head by "
+            "its name, one for the projections by a regex or _default); re-create the variant with hubquant"
         )
-    return regex[0], named[0]
+    return body[0], named[0]

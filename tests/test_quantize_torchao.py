@@ -674,6 +674,30 @@ def test_an_int8_head_beside_int4_layers(variants, transformers_logits, case):
     assert abs(sum(r.disk_bytes for r in report.layers) - theory) <= 0.05 * theory
 
 
+def test_a_head_config_written_with_torchao_default_loads_too(variants, tmp_path: Path):
+    """The same folder with torchao's `_default` key for the projections (what
+    `FqnToConfig({"_default": int4, "lm_head": int8})` writes) loads to the same logits; a shape
+    hubquant does not read (two named configs) is a one-line error."""
+    import shutil
+
+    v = variants[("llama_gqa", "int4-head8")]
+    folder = tmp_path / "default"
+    shutil.copytree(v["out"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    entries = config["quantization_config"]["quant_type"]["default"]["_data"]
+    for key in ("fqn_to_config", "module_fqn_to_config"):
+        (regex,) = [k for k in entries[key] if k.startswith("re:")]
+        entries[key]["_default"] = entries[key].pop(regex)
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = hubquant.load(folder, progress=False)
+    assert torch.equal(_logits(model, sample_ids()), v["reloaded"])
+    for key in ("fqn_to_config", "module_fqn_to_config"):
+        entries[key]["model.layers.0.mlp.up_proj"] = entries[key]["lm_head"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HubquantError, match="FqnToConfig is not one hubquant reads"):
+        hubquant.load(folder, progress=False)
+
+
 def test_a_separate_head_method_is_checked(hf_checkpoint, tmp_path: Path):
     """A head method needs torchao on both sides and another method than the projections'; the
     variant syntax and `head=` say the same; nothing is written on refusal."""

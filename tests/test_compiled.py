@@ -99,6 +99,8 @@ def test_one_row_products_compile_to_a_generated_reduction(dtype):
                 terms = F.linear(x.double().abs(), weight.double().abs())
                 bound = eps * exact.abs().max() + 96 * torch.finfo(torch.float32).eps * terms.max()
                 assert (out.double() - exact).abs().max() <= bound
+                library = F.linear(x, stored, b).double()  # torch's own product, same input
+                assert (out.double() - library).abs().max() <= 2 * bound
                 assert bool(_library_calls(code[0])) == (rows == 2), code[0]
 
 

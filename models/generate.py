@@ -132,8 +132,9 @@ def generate(
     batch, seq = input_ids.shape
     step_fn = None
     if compile:
-        step_fn = compiled_step(model)
-        cache = static_cache(model, batch, bucketed(seq + max_new_tokens), model.dtype, input_ids.device)
+        slots = bucketed(seq + max_new_tokens)
+        step_fn = compiled_step(model, (batch, slots))
+        cache = static_cache(model, batch, slots, model.dtype, input_ids.device)
     else:
         cache = KVCache(model.config, batch, seq + max_new_tokens, model.dtype, input_ids.device)
     slot = cache.slot

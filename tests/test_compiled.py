@@ -216,6 +216,27 @@ def test_each_model_compiles_its_own_step_past_dynamos_recompile_limit(hf_checkp
     assert len(compiles) == models
 
 
+def test_each_cache_shape_compiles_its_own_step_past_dynamos_recompile_limit(hf_checkpoint, monkeypatch):
+    """Generations of many lengths (each cache bucket a shape) and batch sizes from one model:
+    each shape compiles once, and the ones after `recompile_limit` are still compiled, not decoded
+    eagerly without a word; a length seen before compiles nothing."""
+    import hubquant.models.compiled as compiled
+
+    compiles = _count_compiles(monkeypatch)
+    monkeypatch.setattr(compiled, "CACHE_BUCKET", 8)
+    folder, _ = hf_checkpoint("llama_gqa")
+    model, _ = hubquant.load(folder, dtype="fp32", progress=False)
+    ids = sample_ids(batch=1, seq=4)
+    shapes = torch._dynamo.config.recompile_limit + 2
+    for k in range(shapes):  # caches of 8, 16, ... slots
+        eager = model.generate(ids, max_new_tokens=8 * k + 3, eos_ids=[])
+        assert torch.equal(model.generate(ids, max_new_tokens=8 * k + 3, eos_ids=[], compile=True), eager)
+        assert len(compiles) == k + 1, f"the cache of {8 * (k + 1)} slots did not compile"
+    model.generate(sample_ids(batch=2, seq=4), max_new_tokens=3, eos_ids=[], compile=True)
+    model.generate(ids, max_new_tokens=3, eos_ids=[], compile=True)  # seen: nothing new
+    assert len(compiles) == shapes + 1
+
+
 @pytest.mark.parametrize("method", ["int8", "fp8"])
 def test_cpu_runtime_quantized_products_compile_into_the_one_step(hf_checkpoint, monkeypatch, method):
     """int8's `Int8Linear` and fp8's `Fp8Linear` (whose dequantization is itself compiled) trace

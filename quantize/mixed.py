@@ -25,7 +25,7 @@ from torch import nn
 from hubquant.errors import HubquantError
 
 from .base import HEAD, Method
-from .torchao_methods import _plain_metadata, _torchao_config_to_dict, _TorchaoMethod
+from .torchao_methods import _torchao_config_to_dict, _TorchaoMethod, checkpoint_metadata
 
 # The key a head's layer settings carry, naming the method that quantizes it.
 METHOD_KEY = "method"
@@ -117,15 +117,13 @@ class WithHead(Method):
     def hf_metadata(
         self, tensors: dict[str, tuple[tuple[int, ...], dict[str, Any] | None]], dtype: torch.dtype
     ) -> dict[str, str]:
-        metadata: dict[str, str] = {}
-        for name, (shape, layer_settings) in tensors.items():
-            if layer_settings is None:
-                metadata[name] = _plain_metadata()
-            else:
-                method, rest = self._by_settings(layer_settings)
-                metadata[name] = method._weight_metadata(name, shape, rest, dtype)
-        metadata["tensor_names"] = json.dumps(list(tensors))
-        return metadata
+        def weight_entry(
+            name: str, shape: tuple[int, ...], settings: dict[str, Any], dtype: torch.dtype
+        ) -> str:
+            method, rest = self._by_settings(settings)
+            return method._weight_metadata(name, shape, rest, dtype)
+
+        return checkpoint_metadata(tensors, dtype, weight_entry)
 
     def owns(self, hub_prefix: str, keys: set[str]) -> set[str]:
         return self.body.owns(hub_prefix, keys)  # the same names for every torchao subclass
@@ -162,7 +160,8 @@ class WithHead(Method):
 
     @classmethod
     def from_hf_config(cls, quantization_config: dict[str, Any]) -> Method | None:
-        """Not used: `parse_hf_config` reads these folders (it needs the registry)."""
+        """Not used: `registry.method_from_hf_config` reads these folders (each part is a method
+        of the registry)."""
         return None
 
     def load_module(

@@ -159,12 +159,13 @@ def method_from_hf_config(quantization_config: dict[str, Any]) -> Method:
     Raises:
         HubquantError: for a quantization hubquant does not read.
     """
-    parts = importlib.import_module(f"{__package__}.mixed").fqn_parts(quantization_config)
+    mixed = importlib.import_module(f"{__package__}.mixed")
+    parts = mixed.fqn_parts(quantization_config)
     if parts is not None:  # one method for the projections, another for the head
         body, head = (
             method_from_hf_config({**quantization_config, "quant_type": {"default": p}}) for p in parts
         )
-        return importlib.import_module(f"{__package__}.mixed").WithHead(body, head)
+        return mixed.WithHead(body, head)
     for name in methods():
         method = method_class(name).from_hf_config(quantization_config)
         if method is not None:

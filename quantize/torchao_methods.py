@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -69,6 +69,24 @@ def _torchao_config_to_dict(config: Any) -> dict[str, Any]:
 def _plain_metadata() -> str:
     # What flatten_tensor_state_dict writes for a plain tensor.
     return json.dumps({"_type": torch.Tensor.__name__})
+
+
+def checkpoint_metadata(
+    tensors: dict[str, tuple[tuple[int, ...], dict[str, Any] | None]],
+    dtype: torch.dtype,
+    weight_entry: Callable[[str, tuple[int, ...], dict[str, Any], torch.dtype], str],
+) -> dict[str, str]:
+    """The safetensors metadata of a torchao checkpoint, from every Hub weight name -> (shape,
+    layer settings or None when kept plain): `weight_entry(name, shape, settings, dtype)` for each
+    quantized weight, the plain entry for the rest, and the list of all names."""
+    metadata: dict[str, str] = {}
+    for name, (shape, layer_settings) in tensors.items():
+        if layer_settings is None:
+            metadata[name] = _plain_metadata()
+        else:
+            metadata[name] = weight_entry(name, shape, layer_settings, dtype)
+    metadata["tensor_names"] = json.dumps(list(tensors))
+    return metadata
 
 
 def _detached_linear(linear: nn.Linear) -> nn.Linear:
@@ -193,14 +211,7 @@ class _TorchaoMethod(Method):
             tensors: every Hub weight name -> (shape, layer settings or None when not quantized).
             dtype: the base dtype the real weights are quantized from.
         """
-        metadata: dict[str, str] = {}
-        for name, (shape, layer_settings) in tensors.items():
-            if layer_settings is None:
-                metadata[name] = _plain_metadata()
-            else:
-                metadata[name] = self._weight_metadata(name, shape, layer_settings, dtype)
-        metadata["tensor_names"] = json.dumps(list(tensors))
-        return metadata
+        return checkpoint_metadata(tensors, dtype, self._weight_metadata)
 
     def _weight_metadata(
         self, name: str, shape: tuple[int, ...], layer_settings: dict[str, Any], dtype: torch.dtype
